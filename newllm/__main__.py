@@ -1,0 +1,3 @@
+from newllm.cli import main
+
+main()

@@ -1,0 +1,196 @@
+"""The one way to load a base model and its tokenizer, and to name them in provenance.
+
+`base.model` may be
+- a local Hugging Face model directory (the embedded default is the one
+  `fetch-assets` converts into `data/assets/smollm2-135m`),
+- a `.gguf` file (dequantized by transformers; slow to load, convert it once),
+- a model id already in the local Hugging Face cache (never downloaded).
+
+Identity for provenance: a sha256 over the weight files (so a copied folder is
+still the same model) and a sha256 over the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from newllm.errors import NewllmError
+from newllm.params import param
+from newllm.runtime import resolve_device, resolve_dtype
+
+# No hub: never let transformers try the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def quiet_transformers() -> None:
+    """Our own progress bars are enough; transformers' weight-loading bars are noise in logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+ASSET_MARKER = "newllm_asset.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """Who the base model is, as recorded in every artifact made from it."""
+
+    model_id: str
+    weights_hash: str | None
+    tokenizer_hash: str
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def tokenizer_only(self) -> dict[str, Any]:
+        """Provenance for artifacts that depend on the tokenizer alone (prepared data)."""
+        return {"model_id": self.model_id, "weights_hash": None,
+                "tokenizer_hash": self.tokenizer_hash}
+
+
+@dataclass
+class BaseModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    info: BaseInfo
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model lives: a folder, or a GGUF file in a folder."""
+
+    model_id: str
+    folder: Path
+    gguf_file: str | None
+
+
+def _resolve(model: str) -> _Source:
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return _Source(f"{path.name}", path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise NewllmError(f"base.model '{model}' is a folder without config.json; expected "
+                              "a Hugging Face model directory (run `newllm fetch-assets` for "
+                              "the default).")
+        marker = path / ASSET_MARKER
+        model_id = json.loads(marker.read_text())["model_id"] if marker.exists() else path.name
+        return _Source(model_id, path, None)
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or (
+        model.count("/") > 1)
+    if not looks_like_path:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(model, local_files_only=True)
+            return _Source(model, Path(folder), None)
+        except Exception:
+            pass
+    raise NewllmError(f"base.model '{model}' is not a local model directory, a .gguf file or a "
+                      "model id in the local Hugging Face cache (no hub is reachable; run "
+                      "`newllm fetch-assets` for the default model).")
+
+
+def hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weights_hash(source: _Source) -> str:
+    if source.gguf_file:
+        return hash_files([source.folder / source.gguf_file])
+    files = [p for p in source.folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    if not files:
+        raise NewllmError(f"base.model '{source.folder}' holds no weight files.")
+    return hash_files(files)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def state_dict_hash(model: torch.nn.Module) -> str:
+    """Hash of the in-memory weights, for checking that a frozen model stayed frozen."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_tokenizer(model: str) -> tuple[Any, BaseInfo]:
+    """The base tokenizer alone (prepare-data needs nothing else)."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    source = _resolve(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    except Exception as exc:
+        raise NewllmError(f"base.model '{model}': could not load its tokenizer "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+    info = BaseInfo(source.model_id, None, tokenizer_hash(tokenizer), vocab_size=len(tokenizer))
+    return tokenizer, info
+
+
+def load_base(model: str, *, dtype: str = "float32", device: str = "auto") -> BaseModel:
+    """Load a frozen causal LM (eval mode, no grad) with its tokenizer and identity."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, tok_info = load_tokenizer(model)
+    source = _resolve(model)
+    torch_device = resolve_device(device)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            source.folder, gguf_file=source.gguf_file, dtype=resolve_dtype(dtype))
+    except Exception as exc:
+        raise NewllmError(f"base.model '{model}': could not load the model "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+    lm.eval().requires_grad_(False)
+    lm.to(torch_device)
+    config = lm.config
+    info = BaseInfo(
+        model_id=source.model_id,
+        weights_hash=_weights_hash(source),
+        tokenizer_hash=tok_info.tokenizer_hash,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+    )
+    return BaseModel(lm, tokenizer, info, torch_device)
+
+
+@dataclass
+class BaseParams:
+    """params.yaml group `base`: which base model, in what precision, on which device."""
+
+    group = "base"
+    model: str = param("data/assets/smollm2-135m",
+                       "Base model: a local HF directory, a .gguf file or a cached HF model id.")
+    dtype: str = param("float32", "Weights/compute dtype.", choices=("float32", "bfloat16",
+                                                                     "float16"))
+    device: str = param("auto", "Device: auto picks cuda, then mps, then cpu.",
+                        choices=("auto", "cpu", "cuda", "mps"))
+
+    def load(self) -> BaseModel:
+        return load_base(self.model, dtype=self.dtype, device=self.device)

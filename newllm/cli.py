@@ -1,0 +1,143 @@
+"""The `newllm` command: a click group whose commands are the stages.
+
+`stage_command` turns a function taking params dataclasses into a click
+command with one option per parameter, so every option has a params.yaml key
+and its name is that key with dashes. Errors meant for the user (NewllmError)
+print as one line and exit with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from newllm.errors import NewllmError
+from newllm.params import build_params, field_specs, group_name, read_params_file
+
+STAGE_MODULES = (
+    "newllm.stages.fetch_assets",
+    "newllm.stages.prepare_data",
+    "newllm.stages.eval_ppl",
+)
+
+
+class ListOfInts(click.ParamType):
+    name = "INTS"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+class NullableInt(click.ParamType):
+    name = "INT|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() in ("none", "null"):
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or 'none'", param, ctx)
+
+
+def _option_for(spec: Any, group: str) -> Callable:
+    flag = "--" + spec.name.replace("_", "-")
+    default_text = spec.default if not isinstance(spec.default, list) else ",".join(
+        str(v) for v in spec.default)
+    help_text = f"{spec.help} [params: {group}.{spec.name}; default: {default_text}]"
+    if spec.base is bool:
+        return click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name,
+                             default=None, help=help_text)
+    click_type: Any = {int: int, float: float, str: str, list: ListOfInts()}[spec.base]
+    if spec.base is int and spec.optional:
+        click_type = NullableInt()
+    if spec.choices:
+        click_type = click.Choice(spec.choices)
+    return click.option(flag, spec.name, type=click_type, default=None, help=help_text)
+
+
+def stage_command(name: str, *param_classes: type, help: str) -> Callable:
+    """Make `fn(*params_objects)` a `newllm <name>` command with an option per parameter."""
+
+    def decorate(fn: Callable) -> click.Command:
+        @click.pass_context
+        @functools.wraps(fn)
+        def command(ctx: click.Context, **options: Any) -> None:
+            params_file = Path(ctx.obj.get("params_file", "params.yaml") if ctx.obj else
+                               "params.yaml")
+            file_groups = read_params_file(params_file)
+            built = []
+            for cls in param_classes:
+                names = {s.name for s in field_specs(cls)}
+                given = {k: v for k, v in options.items() if k in names and
+                         ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+                built.append(build_params(cls, file_groups.get(group_name(cls)), given,
+                                          source=str(params_file)))
+            fn(*built)
+
+        seen: set[str] = set()
+        for cls in reversed(param_classes):
+            for spec in reversed(field_specs(cls)):
+                if spec.name in seen:
+                    raise TypeError(f"{name}: parameter {spec.name} appears in two groups")
+                seen.add(spec.name)
+                command = _option_for(spec, group_name(cls))(command)
+        return cli.command(name, help=help)(command)
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="params.yaml to take stage defaults from.")
+@click.version_option(package_name="newllm")
+@click.pass_context
+def cli(ctx: click.Context, params_file: str) -> None:
+    """newllm: reproducible research on the internal representations of language models.
+
+    Each command is one pipeline stage (see dvc.yaml); `dvc repro` runs them all.
+    Options default to the stage's group in params.yaml.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["params_file"] = params_file
+
+
+def _register() -> None:
+    import importlib
+
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    cli.add_command(importlib.import_module("newllm.bench").bench)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit 2, no traceback for bad input."""
+    _register()
+    try:
+        cli.main(args=argv, prog_name="newllm", standalone_mode=False)
+    except NewllmError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,54 @@
+"""Devices, seeding and progress bars: the few things every stage needs at run time."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from typing import TypeVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from newllm.errors import NewllmError
+
+T = TypeVar("T")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NewllmError("base.device is 'cuda' but no CUDA device is available; "
+                          "use 'auto' or 'cpu'.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise NewllmError("base.device is 'mps' but MPS is not available; use 'auto' or 'cpu'.")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch, ask torch for deterministic kernels; return a CPU generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None,
+             unit: str = "it") -> Iterable[T]:
+    """A tqdm bar that stays quiet when stderr is not a terminal (DVC logs, CI)."""
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False)

@@ -1,0 +1,61 @@
+"""eval-ppl: sliding-window token PPL, word PPL and bits per byte on a prepared split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from newllm.artifacts import write_metrics
+from newllm.base import BaseParams
+from newllm.cli import stage_command
+from newllm.data import SPLITS, load_split
+from newllm.errors import NewllmError
+from newllm.params import param
+from newllm.ppl import MODEL_KINDS, evaluate_ppl
+
+
+@dataclass
+class EvalPplParams:
+    group = "eval_ppl"
+    model_kind: str = param("hf", "Model kind to evaluate (hf = the base causal LM).")
+    data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
+    split: str = param("val", "Split to evaluate.", choices=SPLITS)
+    context_length: int = param(512, "Tokens per window.", min=2)
+    stride: int = param(256, "New tokens scored per window after the first.", min=1)
+    batch_size: int = param(4, "Windows per forward pass.", min=1)
+    max_tokens: int | None = param(None, "Evaluate whole documents until this many tokens "
+                                   "(null = the whole split).", min=1)
+    metrics: str = param("metrics/eval_ppl.json", "Metrics JSON to write.")
+
+    def check(self) -> None:
+        if self.stride > self.context_length:
+            raise NewllmError(f"eval_ppl.stride ({self.stride}) must be <= "
+                              f"eval_ppl.context_length ({self.context_length}).")
+
+
+@stage_command("eval-ppl", BaseParams, EvalPplParams,
+               help="Sliding-window perplexity: every token scored once, windows after the "
+                    "first score only their last `stride` tokens. Reports token PPL, word PPL "
+                    "and bits per byte.")
+def eval_ppl(base: BaseParams, params: EvalPplParams) -> None:
+    if params.model_kind not in MODEL_KINDS:
+        raise NewllmError(f"eval_ppl.model_kind '{params.model_kind}' is unknown; known kinds: "
+                          f"{', '.join(sorted(MODEL_KINDS))}.")
+    scorer = MODEL_KINDS[params.model_kind](base)
+    split = load_split(params.data, params.split, base=scorer.info.tokenizer_only())
+    docs, texts = split.documents(params.max_tokens)
+    result = evaluate_ppl(scorer, docs, texts, scorer.separator_id, params.context_length,
+                          params.stride, params.batch_size)
+    metrics = {
+        "token_ppl": result.token_ppl, "word_ppl": result.word_ppl,
+        "bits_per_byte": result.bits_per_byte, "tokens": result.tokens, "words": result.words,
+        "bytes": result.bytes, "documents": len(docs), "windows": result.windows,
+        "context_length": params.context_length, "stride": params.stride,
+        "split": params.split, "model_kind": params.model_kind, "model_id": scorer.info.model_id,
+    }
+    write_metrics(params.metrics, metrics)
+    click.echo(f"{params.split}: token PPL {result.token_ppl:.4f}, word PPL "
+               f"{result.word_ppl:.4f}, bits/byte {result.bits_per_byte:.4f} "
+               f"({result.tokens} tokens, context {params.context_length}, stride "
+               f"{params.stride})")
