@@ -96,7 +96,9 @@ def _resolve(model: str) -> _Source:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(model, local_files_only=True)
+            # HF_HUB_CACHE is read now, not at import, so a cache set later is honoured
+            folder = snapshot_download(model, local_files_only=True,
+                                       cache_dir=os.environ.get("HF_HUB_CACHE"))
             return _Source(model, Path(folder), None)
         except Exception:
             pass
