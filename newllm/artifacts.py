@@ -3,9 +3,10 @@
 An artifact is a `.safetensors` file. Its metadata holds one key, `newllm`, a
 JSON document with the artifact kind, the producing stage and its params, the
 base model's identity (id, weights hash, tokenizer hash), tensor shapes and
-library versions; everything in it is deterministic so the same inputs give a
-byte-identical file. The creation time and host go to a human-readable JSON
-sidecar (`<file>.json`) that nothing reads back.
+library versions. A human-readable copy goes to a JSON sidecar (`<file>.json`)
+that nothing reads back. Both are deterministic (no creation time: git and
+dvc.lock date a run), so the same inputs give byte-identical outputs and DVC
+skips the stages downstream of a rerun that changed nothing.
 
 Writes are atomic: a temporary name in the same folder, then a rename.
 Nothing here unpickles: safetensors and JSON only.
@@ -14,12 +15,11 @@ Nothing here unpickles: safetensors and JSON only.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
-import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +92,14 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     write_json(path, metrics)
 
 
+def write_csv(path: str | Path, header: list[str], rows: list[list[Any]]) -> None:
+    """Atomic CSV with a header row (plot data for `dvc plots`)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def library_versions() -> dict[str, str]:
     import transformers
 
@@ -132,9 +140,7 @@ def save_artifact(
     }
     blob = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     write_bytes_atomic(path, blob)
-    sidecar = dict(meta, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   host=platform.node())
-    write_json(Path(f"{path}.json"), sidecar)
+    write_json(Path(f"{path}.json"), meta)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
