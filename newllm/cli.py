@@ -58,10 +58,9 @@ def _option_for(spec: Any, group: str) -> Callable:
     default_text = spec.default if not isinstance(spec.default, list) else ",".join(
         str(v) for v in spec.default)
     help_text = f"{spec.help} [params: {group}.{spec.name}; default: {default_text}]"
-    if spec.base is bool:
-        return click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name,
-                             default=None, help=help_text)
-    click_type: Any = {int: int, float: float, str: str, list: ListOfInts()}[spec.base]
+    # Booleans take a value (`--bos false`), as dvc.yaml renders `${group.key}` as true/false.
+    click_type: Any = {int: int, float: float, str: str, bool: click.BOOL,
+                       list: ListOfInts()}[spec.base]
     if spec.base is int and spec.optional:
         click_type = NullableInt()
     if spec.choices:
