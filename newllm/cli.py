@@ -24,6 +24,10 @@ STAGE_MODULES = (
     "newllm.stages.fetch_assets",
     "newllm.stages.prepare_data",
     "newllm.stages.eval_ppl",
+    "newllm.stages.extract_pairs",
+    "newllm.stages.train_converter",
+    "newllm.stages.converter_report",
+    "newllm.stages.demo_recursive",
 )
 
 

@@ -1,0 +1,90 @@
+"""Recursive compression (seeds/002 §5): an old text as one token-like vector before a prompt.
+
+The old text's hidden states at the converter's layer are pooled (mean or last
+position) and converted to one vector in input-embedding space. It is placed
+where a token would be, right after BOS as in the training pairs, and the
+prompt follows: `[BOS, v, prompt...]` goes to the model as `inputs_embeds`.
+Rows of different lengths are left-padded (pad embeddings, attention mask 0,
+positions counted from each row's first real token) and generated together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from newllm.hidden import hidden_states_at
+
+POOLS = ("mean", "last")
+
+
+@torch.inference_mode()
+def pool_hidden(model: torch.nn.Module, text_ids: torch.Tensor, layer: int, bos_id: int | None,
+                pool: str) -> torch.Tensor:
+    """One vector [d]: the text's hidden states at `layer`, pooled over its own tokens.
+
+    BOS (when used) is read but left out of the pool: its hidden state is an attention
+    sink, orders of magnitude larger than a text token's, and would swamp a mean.
+    """
+    device = model.get_input_embeddings().weight.device
+    ids = text_ids.long().to(device)
+    if bos_id is not None:
+        ids = torch.cat([torch.tensor([bos_id], device=device), ids])
+    hidden = hidden_states_at(model, ids[None], torch.ones_like(ids)[None], layer)[0]
+    text_states = hidden[1:] if bos_id is not None else hidden
+    return text_states.mean(dim=0) if pool == "mean" else text_states[-1]
+
+
+def embed_ids(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """Input embeddings [T, d] of token ids."""
+    weight = model.get_input_embeddings().weight
+    return model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long,
+                                                     device=weight.device))
+
+
+def left_pad(rows: list[torch.Tensor], pad_vector: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows [T_i, d] left-padded to [B, T, d], with attention mask and position ids [B, T]."""
+    length = max(len(r) for r in rows)
+    embeds = torch.stack([torch.cat([pad_vector.expand(length - len(r), -1).to(r.dtype), r])
+                          for r in rows])
+    mask = torch.stack([torch.arange(length, device=embeds.device) >= length - len(r)
+                        for r in rows]).long()
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    return embeds, mask, positions
+
+
+@torch.inference_mode()
+def next_token_logits(model: torch.nn.Module, rows: list[torch.Tensor],
+                      pad_id: int) -> torch.Tensor:
+    """Next-token logits [B, V] after each row of input embeddings (padded batch)."""
+    embeds, mask, positions = left_pad(rows, embed_ids(model, [pad_id])[0])
+    return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                 logits_to_keep=1).logits[:, -1].float()
+
+
+@torch.inference_mode()
+def generate_from_rows(model: torch.nn.Module, rows: list[torch.Tensor], pad_id: int,
+                       eos_id: int | None, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of each row of input embeddings, generated as one padded batch."""
+    embeds, mask, _ = left_pad(rows, embed_ids(model, [pad_id])[0])
+    # generate() derives position ids from the attention mask itself.
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                         eos_token_id=eos_id, num_beams=1)
+    continuations = []
+    for row in out.tolist():  # with inputs_embeds only, generate returns just the new tokens
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        continuations.append(row)
+    return continuations
+
+
+def pad_token_id(tokenizer: Any, model: torch.nn.Module) -> int:
+    """A pad id for batching: the tokenizer's, else EOS, else 0 (masked out either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id,
+                      getattr(model.config, "pad_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
