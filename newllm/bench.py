@@ -56,3 +56,75 @@ def bench_eval_ppl(model: str, data: str, max_tokens: int, context_length: int, 
     click.echo(f"naive:   token PPL {naive.token_ppl:.6f} in {naive_s:.2f}s")
     click.echo(f"PPL difference {abs(fast.token_ppl - naive.token_ppl):.2e}")
     click.echo(f"eval-ppl speedup: {naive_s / fast_s:.2f}x")
+
+
+@bench.command("extract-pairs")
+@click.option("--model", default="data/assets/smollm2-135m", show_default=True,
+              help="Base model (as base.model).")
+@click.option("--layer-index", default=-1, show_default=True,
+              help="Hidden state to take (HF hidden_states index).")
+@click.option("--num-tokens", default=512, show_default=True,
+              help="Ordinary vocabulary ids to extract, the same for both paths.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--exact-tokens", default=16, show_default=True,
+              help="Ids also compared in float64, where rounding cannot hide a real difference.")
+@click.option("--device", default="auto", show_default=True)
+def bench_extract_pairs(model: str, layer_index: int, num_tokens: int, batch_size: int,
+                        exact_tokens: int, device: str) -> None:
+    """Batched, early-stopped extract-pairs vs one full forward per token (same X, speed ratio).
+
+    The reference is the plain way to get the pairs: one `[BOS, token]` forward pass per
+    token through the whole model and LM head with output_hidden_states, taking
+    hidden_states[layer].
+    """
+    import copy
+
+    import torch
+
+    from newllm.hidden import resolve_layer_index
+    from newllm.pairs import bos_token_id, extract_hidden, ordinary_token_ids
+
+    base = load_base(model, device=device)
+    layer = resolve_layer_index(layer_index, base.info.num_layers, "--layer-index")
+    ids, _ = ordinary_token_ids(base.tokenizer, base.model.get_input_embeddings().num_embeddings,
+                                num_tokens)
+    bos = bos_token_id(base.tokenizer, base.model)
+
+    @torch.inference_mode()
+    def one_at_a_time(lm: torch.nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for token in token_ids.tolist():
+            inputs = torch.tensor([[bos, token]], device=base.device)
+            rows.append(lm(input_ids=inputs, output_hidden_states=True,
+                           use_cache=False).hidden_states[layer][0, -1].cpu())
+        return torch.stack(rows)
+
+    extract_hidden(base.model, ids[:8], layer, bos, batch_size, base.device)  # warm-up
+    one_at_a_time(base.model, ids[:2])
+    start = time.perf_counter()
+    fast = extract_hidden(base.model, ids, layer, bos, batch_size, base.device)
+    fast_s = time.perf_counter() - start
+    start = time.perf_counter()
+    naive = one_at_a_time(base.model, ids).float()
+    naive_s = time.perf_counter() - start
+    per_token = (fast - naive).abs().amax(dim=1)
+    diff = per_token.max().item()
+
+    exact = copy.deepcopy(base.model).double()
+    exact_ids = ids[:exact_tokens]
+    exact_diff = (extract_hidden(exact, exact_ids, layer, bos, batch_size, base.device).double()
+                  - one_at_a_time(exact, exact_ids)).abs().max().item()
+
+    click.echo(f"tokens {len(ids)}, layer {layer} of {base.info.num_layers}, batch {batch_size}, "
+               f"device {base.device}, dtype {base.model.dtype}")
+    click.echo(f"batched:      {fast_s:.2f}s, {len(ids) / fast_s:.1f} tokens/s")
+    click.echo(f"one at a time: {naive_s:.2f}s, {len(ids) / naive_s:.1f} tokens/s")
+    # float32 GEMMs round differently for different batch shapes, and the hidden states of
+    # a few rare tokens amplify that; a float64 copy shows whether the computations are the
+    # same (only HF's RMSNorm, which always computes in float32, still rounds there).
+    click.echo(f"X max abs diff in {str(fast.dtype).removeprefix('torch.')}: {diff:.2e} "
+               f"({diff / naive.abs().max().item():.1e} of max |X|), median over tokens "
+               f"{per_token.median().item():.2e}, tokens over 1e-5: "
+               f"{int((per_token > 1e-5).sum())}/{len(ids)}")
+    click.echo(f"X max abs diff with a float64 model ({len(exact_ids)} ids): {exact_diff:.2e}")
+    click.echo(f"extract-pairs speedup: {naive_s / fast_s:.2f}x")
