@@ -179,12 +179,19 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         command = cli.commands[name.split("@")[0]]
-        options = {o.name.replace("_", "-") for o in command.params if o.name != "help"}
+        # each option's help names its params key: "[params: group.key; ...]"
+        option_groups = {o.name.replace("_", "-"): re.search(r"\[params: ([a-z_]+)\.", o.help)[1]
+                         for o in command.params if o.name != "help"}
         passed = re.findall(r"--([a-z-]+) \$\{([a-z_]+)\.([a-z_]+)\}", stage["cmd"])
-        assert {flag for flag, _, _ in passed} == options, name
+        assert {flag for flag, _, _ in passed} == set(option_groups), name
         assert len(passed) == len(re.findall(r"--", stage["cmd"])), name
         for flag, group, key in passed:
             assert flag == key.replace("_", "-"), (name, flag, key)
+            if group == "item":
+                # a matrix/foreach value: it must be one of the stage's iteration keys, and
+                # the option still has a params.yaml entry (the default of a run by hand)
+                assert key in (stage.get("matrix") or {}) or "foreach" in stage, (name, key)
+                group = option_groups[flag]
             assert key in params[group], (name, group, key)
 
 
