@@ -206,3 +206,10 @@ def test_artifact_tensors_are_on_cpu_and_typed(prepared_tiny):
     assert split.input_ids.dtype == torch.int32 and split.doc_offsets.dtype == torch.int64
     assert int(split.doc_offsets[-1]) == len(split.input_ids)
     assert Path(split.artifact.path).suffix == ".safetensors"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(run_cli, tiny_model, prepared_tiny, tmp_path):
+    result = run_cli("eval-ppl", "--model", str(tiny_model), "--data", str(prepared_tiny),
+                     "--device", "cuda", cwd=tmp_path)
+    assert_one_line_error(result, "base.device is 'cuda'", "no CUDA device")

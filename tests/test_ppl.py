@@ -118,3 +118,18 @@ def test_stride_changes_result_but_context_limits_it(tiny):
     overlap = evaluate_ppl(scorer, docs, TEXTS, sep, 8, 2, 4)
     assert short.tokens == overlap.tokens
     assert short.nll != pytest.approx(overlap.nll, abs=1e-6)
+
+
+def test_non_finite_logits_stop_with_a_clear_error(tiny):
+    from newllm.errors import NewllmError
+
+    _, scorer, docs, sep = tiny
+
+    class NanScorer:
+        device, info, separator_id = scorer.device, scorer.info, sep
+
+        def logits(self, input_ids, keep):
+            return torch.full((*input_ids.shape[:1], keep, 400), float("nan"))
+
+    with pytest.raises(NewllmError, match="non-finite loss"):
+        evaluate_ppl(NanScorer(), docs, TEXTS, sep, 16, 8, 2)
