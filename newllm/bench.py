@@ -12,7 +12,7 @@ import click
 
 from newllm.base import load_base
 from newllm.data import load_split
-from newllm.ppl import evaluate_ppl, separator_token_id
+from newllm.ppl import evaluate_ppl
 
 
 @click.group("bench")
@@ -40,7 +40,7 @@ def bench_eval_ppl(model: str, data: str, max_tokens: int, context_length: int, 
     from newllm.ppl import HFScorer
 
     base = load_base(model, device=device)
-    scorer = HFScorer(base.model, base.device, base.info, separator_token_id(base.tokenizer))
+    scorer = HFScorer.from_base(base)
     docs, texts = load_split(data, "val", base=base.info.tokenizer_only()).documents(max_tokens)
     args = (scorer, docs, texts, scorer.separator_id, context_length, stride, batch_size)
     evaluate_ppl(scorer, docs[:1], texts[:1], *args[3:])  # warm-up: first-call allocations

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from newllm.base import BaseInfo
+from newllm.base import BaseInfo, BaseModel
 from newllm.data import count_bytes, count_words
 from newllm.errors import NewllmError
 from newllm.runtime import progress
@@ -62,14 +62,17 @@ class HFScorer:
     info: BaseInfo
     separator_id: int
 
+    @classmethod
+    def from_base(cls, base: BaseModel) -> HFScorer:
+        return cls(base.model, base.device, base.info, separator_token_id(base.tokenizer))
+
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         return self.model(input_ids=input_ids, logits_to_keep=keep, use_cache=False).logits
 
 
 @register_model_kind("hf")
 def load_hf_scorer(base_params: Any) -> HFScorer:
-    base = base_params.load()
-    return HFScorer(base.model, base.device, base.info, separator_token_id(base.tokenizer))
+    return HFScorer.from_base(base_params.load())
 
 
 def build_stream(docs: list[torch.Tensor], separator_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ def tiny(tiny_model):
     docs = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
     base = load_base(str(tiny_model), device="cpu")
     base.model.double()
-    scorer = HFScorer(base.model, base.device, base.info, separator_token_id(base.tokenizer))
+    scorer = HFScorer.from_base(base)
     return model, scorer, docs, separator_token_id(tokenizer)
 
 
