@@ -82,7 +82,7 @@ def bench_extract_pairs(model: str, layer_index: int, num_tokens: int, batch_siz
     import torch
 
     from newllm.hidden import resolve_layer_index
-    from newllm.pairs import bos_token_id, extract_hidden, ordinary_token_ids
+    from newllm.virtual_tokens.pairs import bos_token_id, extract_hidden, ordinary_token_ids
 
     base = load_base(model, device=device)
     layer = resolve_layer_index(layer_index, base.info.num_layers, "--layer-index")

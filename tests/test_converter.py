@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from newllm.errors import NewllmError
-from newllm.fit import fit_converter, split_by_token
-from newllm.models.converter import Converter, ConverterConfig, load_converter, save_converter
-from newllm.recovery import mapping_metrics, nearest_tokens, topk_recovery
+from newllm.virtual_tokens.converter import (
+    Converter,
+    ConverterConfig,
+    load_converter,
+    save_converter,
+)
+from newllm.virtual_tokens.fit import fit_converter, split_by_token
+from newllm.virtual_tokens.recovery import mapping_metrics, nearest_tokens, topk_recovery
 
 BASE = {"model_id": "m", "weights_hash": "w" * 64, "tokenizer_hash": "t" * 64}
 

@@ -13,9 +13,9 @@ from conftest import assert_one_line_error
 
 from newllm.artifacts import load_artifact
 from newllm.base import load_base
-from newllm.models.converter import Converter, ConverterConfig, load_converter
-from newllm.pairs import PAIRS_KIND, load_pairs
-from newllm.recursive import embed_ids, next_token_logits, pool_hidden
+from newllm.virtual_tokens.converter import Converter, ConverterConfig, load_converter
+from newllm.virtual_tokens.pairs import PAIRS_KIND, load_pairs
+from newllm.virtual_tokens.recursive import embed_ids, next_token_logits, pool_hidden
 
 N_LAYERS = 2  # the tiny Llama
 

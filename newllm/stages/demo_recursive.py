@@ -15,11 +15,11 @@ import torch
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.errors import NewllmError
-from newllm.models.converter import load_converter
-from newllm.pairs import bos_token_id
 from newllm.params import param
-from newllm.recovery import nearest_tokens
-from newllm.recursive import (
+from newllm.virtual_tokens.converter import load_converter
+from newllm.virtual_tokens.pairs import bos_token_id
+from newllm.virtual_tokens.recovery import nearest_tokens
+from newllm.virtual_tokens.recursive import (
     POOLS,
     embed_ids,
     generate_from_rows,

@@ -14,7 +14,8 @@ from newllm.base import BaseParams, state_dict_hash
 from newllm.cli import stage_command
 from newllm.errors import NewllmError
 from newllm.hidden import resolve_layer_index
-from newllm.pairs import (
+from newllm.params import as_dict, param
+from newllm.virtual_tokens.pairs import (
     PAIRS_FILE,
     PAIRS_KIND,
     bos_token_id,
@@ -23,7 +24,6 @@ from newllm.pairs import (
     ordinary_token_ids,
     pairs_dir,
 )
-from newllm.params import as_dict, param
 
 
 @dataclass

@@ -17,9 +17,10 @@ import torch
 from newllm.artifacts import atomic_dir, write_csv, write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
-from newllm.fit import fit_converter, split_by_token
 from newllm.hidden import resolve_layer_index
-from newllm.models.converter import (
+from newllm.params import as_dict, param
+from newllm.runtime import seed_everything
+from newllm.virtual_tokens.converter import (
     CONVERTER_FILE,
     MODEL_TYPES,
     Converter,
@@ -27,10 +28,9 @@ from newllm.models.converter import (
     converter_dir,
     save_converter,
 )
-from newllm.pairs import PAIRS_FILE, load_pairs, pairs_dir
-from newllm.params import as_dict, param
-from newllm.recovery import mapping_metrics
-from newllm.runtime import seed_everything
+from newllm.virtual_tokens.fit import fit_converter, split_by_token
+from newllm.virtual_tokens.pairs import PAIRS_FILE, load_pairs, pairs_dir
+from newllm.virtual_tokens.recovery import mapping_metrics
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from newllm.errors import NewllmError
-from newllm.models.converter import Converter
 from newllm.runtime import progress
+from newllm.virtual_tokens.converter import Converter
 
 
 @dataclass(frozen=True)
