@@ -193,6 +193,10 @@ class BaseParams:
                                                                      "float16"))
     device: str = param("auto", "Device: auto picks cuda, then mps, then cpu.",
                         choices=("auto", "cpu", "cuda", "mps"))
+    separator_token: str = param("auto", "Token between documents (and before a lone token "
+                                 "in extract-pairs): auto = the model's document-boundary "
+                                 "token (<|endoftext|> if the vocabulary has it, else BOS, "
+                                 "else EOS), or a token string of the vocabulary.")
 
     def load(self) -> BaseModel:
         return load_base(self.model, dtype=self.dtype, device=self.device)

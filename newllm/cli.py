@@ -79,8 +79,11 @@ def stage_command(name: str, *param_classes: type, help: str) -> Callable:
         @click.pass_context
         @functools.wraps(fn)
         def command(ctx: click.Context, **options: Any) -> None:
-            params_file = Path(ctx.obj.get("params_file", "params.yaml") if ctx.obj else
-                               "params.yaml")
+            params_file = Path(ctx.obj["params_file"])
+            if ctx.obj["params_explicit"] and not params_file.is_file():
+                # A named params file that is not there must not fall back to the defaults.
+                raise NewllmError(f"--params {params_file}: no such file; expected a params "
+                                  "YAML file.")
             file_groups = read_params_file(params_file)
             built = []
             for cls in param_classes:
@@ -116,6 +119,8 @@ def cli(ctx: click.Context, params_file: str) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["params_file"] = params_file
+    ctx.obj["params_explicit"] = (
+        ctx.get_parameter_source("params_file") != ParameterSource.DEFAULT)
 
 
 def _register() -> None:
