@@ -43,6 +43,34 @@ class ListOfInts(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
 
 
+class ListOption(click.Option):
+    """A list option whose values may also follow it space-separated (`--layers 1 15 30`).
+
+    DVC refuses to put a list into a `cmd` (`${per_layer.layers}`) but renders a whole
+    params group (`${per_layer}`) as `--layers 1 15 30`; the comma form still works.
+    """
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        wrapped: set[int] = set()
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None or id(option) in wrapped:
+                continue
+            wrapped.add(id(option))
+            process = option.process
+
+            def greedy(value: Any, state: Any, process: Callable = process) -> None:
+                values = [value]
+                # take the words up to the next option (a negative number is a value)
+                while state.rargs and (not state.rargs[0].startswith("-")
+                                       or state.rargs[0][1:].isdigit()):
+                    values.append(state.rargs.pop(0))
+                process(",".join(values), state)
+
+            option.process = greedy
+
+
 class NullableInt(click.ParamType):
     name = "INT|none"
 
@@ -69,7 +97,8 @@ def _option_for(spec: Any, group: str) -> Callable:
         click_type = NullableInt()
     if spec.choices:
         click_type = click.Choice(spec.choices)
-    return click.option(flag, spec.name, type=click_type, default=None, help=help_text)
+    return click.option(flag, spec.name, type=click_type, default=None, help=help_text,
+                        cls=ListOption if spec.base is list else click.Option)
 
 
 def stage_command(name: str, *param_classes: type, help: str) -> Callable:
@@ -129,6 +158,7 @@ def _register() -> None:
     for module in STAGE_MODULES:
         importlib.import_module(module)
     cli.add_command(importlib.import_module("newllm.bench").bench)
+    cli.add_command(importlib.import_module("newllm.report").report)
 
 
 def main(argv: list[str] | None = None) -> None:

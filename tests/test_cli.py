@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -183,8 +184,16 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
         option_groups = {o.name.replace("_", "-"): re.search(r"\[params: ([a-z_]+)\.", o.help)[1]
                          for o in command.params if o.name != "help"}
         passed = re.findall(r"--([a-z-]+) \$\{([a-z_]+)\.([a-z_]+)\}", stage["cmd"])
+        # a whole group, `${per_layer}`, is how DVC passes a list: `--layers 1 15 30`
+        words = stage["cmd"].split()
+        groups = [m[1] for before, word in itertools.pairwise(words)
+                  if (m := re.fullmatch(r"\$\{([a-z_]+)\}", word))
+                  and not before.startswith("--")]
+        passed += [(key.replace("_", "-"), group, key) for group in groups
+                   for key in params[group]]
         assert {flag for flag, _, _ in passed} == set(option_groups), name
-        assert len(passed) == len(re.findall(r"--", stage["cmd"])), name
+        assert len(passed) == len(re.findall(r"--", stage["cmd"])) + sum(
+            len(params[group]) for group in groups), name
         for flag, group, key in passed:
             assert flag == key.replace("_", "-"), (name, flag, key)
             if group == "item":

@@ -186,10 +186,18 @@ def test_converter_report_collects_every_layer(run_cli, tiny_model, tmp_path):
         for model_type in ("linear", "mlp"):
             assert _train(run_cli, tiny_model, tmp_path, "--layer-index", layer, "--model-type",
                           model_type, "--hidden-dim", "16").code == 0
-    result = run_cli("converter-report", "--converters", "cm", "--metrics", "report.json",
+    # a layer no longer declared (dropped from per_layer.layers) must not linger in the report
+    stale = json.loads((tmp_path / "cm" / "layer2_linear.json").read_text())
+    for model_type in ("linear", "mlp"):
+        (tmp_path / "cm" / f"layer0_{model_type}.json").write_text(json.dumps(stale))
+    # the layers as DVC renders `${per_layer}`: space-separated after the flag
+    result = run_cli("converter-report", "--converters", "cm", "--layers", "1", "2",
+                     "--model-types", "linear,mlp", "--metrics", "report.json",
                      "--plot", "by_layer.csv", cwd=tmp_path)
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "report.json").read_text())
+    assert not any(key.startswith("layer0_") for key in report)
+    assert len(report) == 2 * 3 * 4  # layers x (linear, mlp, identity) x stats
     for layer in (1, 2):
         for model_type in ("linear", "mlp"):
             source = json.loads((tmp_path / "cm" / f"layer{layer}_{model_type}.json").read_text())
@@ -203,10 +211,24 @@ def test_converter_report_collects_every_layer(run_cli, tiny_model, tmp_path):
     assert "identity_top1" in rows[0] and "layer" in result.out
 
 
-def test_converter_report_without_metrics(run_cli, tmp_path):
+def test_converter_report_reads_only_the_declared_model_types(run_cli, tmp_path):
+    metrics = {"topk": 2, **{f"{prefix}_{stat}": value for prefix, value in
+                             (("val", 0.5), ("identity", 0.25))
+                             for stat in ("mse", "cosine", "top1", "top2")}}
     (tmp_path / "cm").mkdir()
-    result = run_cli("converter-report", "--converters", "cm", cwd=tmp_path)
-    assert_one_line_error(result, "converter_report.converters", "train-converter")
+    for name in ("layer3_linear", "layer3_mlp", "layer4_linear"):
+        (tmp_path / "cm" / f"{name}.json").write_text(json.dumps(metrics))
+    result = run_cli("converter-report", "--converters", "cm", "--layers", "4,3",
+                     "--model-types", "linear", "--metrics", "r.json", "--plot", "p.csv",
+                     cwd=tmp_path)
+    assert result.code == 0, result.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(report) == sorted(f"layer{layer}_{variant}_{stat}" for layer in (3, 4)
+                                    for variant in ("linear", "identity")
+                                    for stat in ("mse", "cosine", "top1", "top2"))
+    with (tmp_path / "p.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["layer"] for r in rows] == ["3", "4"] and "mlp_top1" not in rows[0]
 
 
 def test_demo_recursive_prints_three_variants(run_cli, tiny_model, tmp_path):

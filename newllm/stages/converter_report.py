@@ -1,13 +1,16 @@
 """converter-report: one table of held-out token recovery per layer, from train-converter metrics.
 
-Reads every `layer<L>_<model_type>.json` in the train-converter metrics folder
-and writes a flat metrics JSON (`layer15_linear_top1`, `layer15_identity_top1`,
-...) and a CSV with one row per layer for `dvc plots` (top-1 vs layer).
+Reads exactly `layer<L>_<model_type>.json` for each declared layer (`layers`, which
+dvc.yaml takes from per_layer.layers) and model type in the train-converter metrics
+folder, so a layer dropped from the pipeline does not linger in the report, and writes
+a flat metrics JSON (`layer15_linear_top1`, `layer15_identity_top1`, ...) and a CSV with
+one row per layer for `dvc plots` (top-1 vs layer).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,6 @@ from newllm.cli import stage_command
 from newllm.errors import NewllmError
 from newllm.params import param
 
-METRICS_FILE = re.compile(r"layer(\d+)_([a-z]+)\.json")
 STATS = ("mse", "cosine", "top1")
 
 
@@ -29,31 +31,78 @@ class ConverterReportParams:
     group = "converter_report"
     converters: str = param("metrics/converter", "Folder of train-converter metrics "
                             "(layer<L>_<model_type>.json).")
+    # param() gives a list default a default_factory, so instances never share it
+    layers: list[int] = param([1, 15, 30], "Layers to report (hidden_states indices, as "  # noqa: RUF009
+                              "per_layer.layers); each needs a file for every model type.",
+                              min=0)
+    # A comma-separated string, not a list: DVC cannot interpolate a list into a cmd.
+    model_types: str = param("linear,mlp", "Converter types to report, comma-separated "
+                             "(the types train-converter ran).")
     metrics: str = param("metrics/converter_report.json", "Flat metrics JSON to write.")
     plot: str = param("plots/converter_by_layer.csv", "CSV to write: one row per layer.")
 
+    def check(self) -> None:
+        if not self.layers:
+            raise NewllmError("converter_report.layers is empty; list at least one layer.")
+        if len(set(self.layers)) != len(self.layers):
+            raise NewllmError(f"converter_report.layers {self.layers} names a layer twice.")
+        types = self.type_list()
+        # "identity" is the report's own baseline column, never a converter type
+        if not types or not all(re.fullmatch(r"[a-z0-9]+", t) for t in types) or \
+                len(set(types)) != len(types) or "identity" in types:
+            raise NewllmError(f"converter_report.model_types must be distinct model type names "
+                              f"separated by commas (e.g. linear,mlp), got {self.model_types!r}.")
 
-def read_converter_metrics(folder: Path) -> dict[int, dict[str, dict[str, Any]]]:
-    """{layer: {model_type: metrics}} from a folder of train-converter metrics files."""
+    def type_list(self) -> list[str]:
+        return [t.strip() for t in self.model_types.split(",")]
+
+
+def _read_metrics_file(path: Path, layer: int, model_type: str) -> dict[str, Any]:
+    """One train-converter metrics file, checked to hold what the report reads."""
+    if not path.is_file():
+        raise NewllmError(f"{path} does not exist; run `dvc repro train-converter` (or `newllm "
+                          f"train-converter --layer-index {layer} --model-type {model_type}`).")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise NewllmError(f"{path}: not valid UTF-8 (byte offset {exc.start}); expected a "
+                          "train-converter metrics JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise NewllmError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run "
+                          "train-converter.") from None
+    if not isinstance(data, dict):
+        raise NewllmError(f"{path}: expected a JSON object of train-converter metrics.")
+    topk = data.get("topk")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise NewllmError(f"{path} has no integer 'topk'; it is not a train-converter metrics "
+                          "file of this version (re-run train-converter).")
+    for prefix in ("val", "identity"):
+        for stat in (*STATS, f"top{topk}"):
+            value = data.get(f"{prefix}_{stat}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                    not math.isfinite(value):
+                raise NewllmError(f"{path} has no finite number '{prefix}_{stat}'; it is not a "
+                                  "train-converter metrics file of this version (re-run "
+                                  "train-converter).")
+    return data
+
+
+def read_converter_metrics(folder: Path, layers: list[int], model_types: list[str]
+                           ) -> dict[int, dict[str, dict[str, Any]]]:
+    """{layer: {model_type: metrics}} from exactly `layer<L>_<type>.json` of each layer, type."""
     if not folder.is_dir():
         raise NewllmError(f"converter_report.converters '{folder}' is not a folder; run "
                           "train-converter first.")
-    found: dict[int, dict[str, dict[str, Any]]] = {}
-    for path in sorted(folder.iterdir()):
-        match = METRICS_FILE.fullmatch(path.name)
-        if match:
-            found.setdefault(int(match[1]), {})[match[2]] = json.loads(path.read_text())
-    if not found:
-        raise NewllmError(f"converter_report.converters '{folder}' holds no "
-                          "layer<L>_<model_type>.json files; run train-converter first.")
-    return found
+    return {layer: {t: _read_metrics_file(folder / f"layer{layer}_{t}.json", layer, t)
+                    for t in model_types}
+            for layer in sorted(layers)}
 
 
 def layer_rows(found: dict[int, dict[str, dict[str, Any]]]
                ) -> tuple[list[str], list[str], dict[int, dict[str, dict[str, float]]]]:
     """The variants (model types, then identity), the statistics, and
     {layer: {variant: {stat: value}}}."""
-    types = sorted({t for by_type in found.values() for t in by_type})
+    types = list(next(iter(found.values())))
     topks = {m["topk"] for by_type in found.values() for m in by_type.values()}
     if len(topks) != 1:
         raise NewllmError(f"the train-converter metrics use different topk values {sorted(topks)}; "
@@ -77,7 +126,8 @@ def layer_rows(found: dict[int, dict[str, dict[str, Any]]]
                help="Collect train-converter metrics of every layer into one flat metrics JSON "
                     "and a per-layer CSV (top-1 recovery vs layer for dvc plots).")
 def converter_report(params: ConverterReportParams) -> None:
-    variants, stats, table = layer_rows(read_converter_metrics(Path(params.converters)))
+    found = read_converter_metrics(Path(params.converters), params.layers, params.type_list())
+    variants, stats, table = layer_rows(found)
     metrics = {f"layer{layer}_{variant}_{stat}": row[variant][stat]
                for layer, row in table.items() for variant in row for stat in stats}
     header = ["layer"] + [f"{v}_{s}" for s in stats for v in variants]
