@@ -1,11 +1,17 @@
 """Sliding-window perplexity, batched, with pluggable model kinds.
 
-The evaluated stream is `[sep, doc_1, sep, doc_2, ...]`: documents back to back,
-each preceded by a separator token that is context only. Every document token
-(target position >= 1) is scored exactly once. The first window scores all its
-targets; each later window moves `stride` targets on and scores only those,
-with the `context_length - stride` tokens before them as context. A window's
-inputs are `x[begin:end]` (at most `context_length` tokens) and they predict
+Documents are scored in one of two ways (`eval_ppl.documents`):
+- `separate` (the default): each document on its own, as `[sep, doc]`, the way
+  lm-evaluation-harness's `loglikelihood_rolling` scores a document; the figure
+  does not depend on the order of the documents and is comparable with published
+  harness word perplexities.
+- `stream`: all documents back to back, `[sep, doc_1, sep, doc_2, ...]`; later
+  documents are read with the end of earlier ones as context.
+The separator token is context only, never scored. Every document token is
+scored exactly once. The first window of a stream scores all its targets; each
+later window moves `stride` targets on and scores only those, with the
+`context_length - stride` tokens before them as context. A window's inputs are
+`x[begin:end]` (at most `context_length` tokens) and they predict
 `x[begin+1:end+1]`, so even `stride == context_length` scores every token.
 
 Figures follow lm-evaluation-harness: token PPL = exp(NLL / tokens), word PPL =
@@ -26,6 +32,7 @@ from newllm.base import BaseInfo, BaseModel
 from newllm.data import count_bytes, count_words
 from newllm.errors import NewllmError
 from newllm.runtime import progress
+from newllm.tokens import separator_token_id
 
 
 class Scorer(Protocol):
@@ -34,6 +41,8 @@ class Scorer(Protocol):
     device: torch.device
     info: BaseInfo  # the base whose tokenizer the model reads
     separator_id: int
+    separator_token: str  # the separator as text, for metrics
+    max_length: int | None  # positions the model can read (None: unbounded)
 
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, keep, V] for positions T-keep .. T-1."""
@@ -61,10 +70,15 @@ class HFScorer:
     device: torch.device
     info: BaseInfo
     separator_id: int
+    separator_token: str
+    max_length: int | None
 
     @classmethod
-    def from_base(cls, base: BaseModel) -> HFScorer:
-        return cls(base.model, base.device, base.info, separator_token_id(base.tokenizer))
+    def from_base(cls, base: BaseModel, separator_token: str = "auto") -> HFScorer:
+        separator_id = separator_token_id(base.tokenizer, separator_token)
+        return cls(base.model, base.device, base.info, separator_id,
+                   base.tokenizer.convert_ids_to_tokens(separator_id),
+                   getattr(base.model.config, "max_position_embeddings", None))
 
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         return self.model(input_ids=input_ids, logits_to_keep=keep, use_cache=False).logits
@@ -72,7 +86,10 @@ class HFScorer:
 
 @register_model_kind("hf")
 def load_hf_scorer(base_params: Any) -> HFScorer:
-    return HFScorer.from_base(base_params.load())
+    return HFScorer.from_base(base_params.load(), base_params.separator_token)
+
+
+DOCUMENT_MODES = ("separate", "stream")
 
 
 def build_stream(docs: list[torch.Tensor], separator_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +99,18 @@ def build_stream(docs: list[torch.Tensor], separator_id: int) -> tuple[torch.Ten
         pieces += [torch.tensor([separator_id]), doc.long()]
         mask += [torch.zeros(1, dtype=torch.bool), torch.ones(len(doc), dtype=torch.bool)]
     return torch.cat(pieces), torch.cat(mask)
+
+
+def build_streams(docs: list[torch.Tensor], separator_id: int,
+                  documents: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The token streams to score: one for all documents (`stream`), or one per document
+    (`separate`, each `[sep, doc]`, as lm-evaluation-harness's loglikelihood_rolling)."""
+    if documents not in DOCUMENT_MODES:
+        raise NewllmError(f"eval_ppl.documents must be one of {', '.join(DOCUMENT_MODES)}, "
+                          f"got {documents!r}.")
+    if documents == "stream":
+        return [build_stream(docs, separator_id)]
+    return [build_stream([doc], separator_id) for doc in docs if len(doc)]
 
 
 def window_spans(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -94,6 +123,44 @@ def window_spans(n_tokens: int, context_length: int, stride: int) -> list[tuple[
         spans.append((max(0, end - context_length), end, end - scored_upto))
         scored_upto = end
     return spans
+
+
+@dataclass(frozen=True, order=True)
+class Window:
+    stream: int  # index into the list of streams
+    begin: int  # inputs are stream[begin:end]
+    end: int
+    scored: int  # the last `scored` inputs predict the scored targets
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def window_batches(windows: list[Window], batch_size: int, context_length: int,
+                   stride: int) -> list[list[Window]]:
+    """Group windows into forward passes of at most `batch_size` ordinary windows' worth.
+
+    A batch holds at most batch_size x context_length input tokens (padding included) and
+    computes at most batch_size x stride rows of logits: a window that scores its whole
+    length (every first window) weighs length/stride windows, so with a long context and a
+    big vocabulary it gets a batch of its own instead of multiplying the logits of a whole
+    batch. Short documents (`separate`) share a batch. Longest windows go first, so rows of
+    a batch have similar lengths and little padding.
+    """
+    order = sorted(windows, key=lambda w: (-w.length, -w.scored, w.stream, w.begin))
+    batches: list[list[Window]] = []
+    for window in order:
+        if batches:
+            candidate = [*batches[-1], window]
+            length = candidate[0].length  # the longest row
+            keep = length - min(w.length - w.scored for w in candidate)
+            if (len(candidate) * length <= batch_size * context_length
+                    and len(candidate) * keep <= batch_size * stride):
+                batches[-1].append(window)
+                continue
+        batches.append([window])
+    return batches
 
 
 @dataclass(frozen=True)
@@ -119,12 +186,14 @@ class PplResult:
         return self.nll / (self.bytes * math.log(2))
 
 
-def _check_sizes(n_tokens: int, context_length: int, stride: int) -> None:
-    if n_tokens < 2:
-        raise NewllmError("the evaluated text has fewer than 2 tokens; nothing to score.")
+def check_window(context_length: int, stride: int, max_length: int | None) -> None:
+    """Stride and context that score every token once and fit the model's positions."""
     if stride > context_length:
         raise NewllmError(f"eval_ppl.stride ({stride}) must be <= eval_ppl.context_length "
                           f"({context_length}), or some tokens would never be scored.")
+    if max_length is not None and context_length > max_length:
+        raise NewllmError(f"eval_ppl.context_length ({context_length}) exceeds the model's "
+                          f"max_position_embeddings ({max_length}).")
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -132,39 +201,54 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise NewllmError("eval-ppl: the model produced a non-finite loss (NaN/inf); "
+                          "try base.dtype float32.")
+
+
 @torch.inference_mode()
-def sliding_window_nll(scorer: Scorer, stream: torch.Tensor, score_mask: torch.Tensor,
-                       context_length: int, stride: int, batch_size: int) -> tuple[float, int, int]:
-    """Batched sliding-window NLL over `stream` [N]; returns (nll, scored tokens, windows)."""
-    _check_sizes(len(stream), context_length, stride)
-    spans = window_spans(len(stream), context_length, stride)
+def sliding_window_nll(scorer: Scorer, streams: list[tuple[torch.Tensor, torch.Tensor]],
+                       context_length: int, stride: int,
+                       batch_size: int) -> tuple[float, int, int]:
+    """Batched sliding-window NLL over `streams` ([N] ids, [N] score mask each).
+
+    Returns (nll, scored tokens, windows). Rows of a batch are right-padded: under causal
+    attention padding after a row's last token cannot change that row's logits.
+    """
+    check_window(context_length, stride, getattr(scorer, "max_length", None))
+    windows = [Window(i, b, e, n) for i, (ids, _) in enumerate(streams)
+               for b, e, n in window_spans(len(ids), context_length, stride)]
+    if not windows:
+        raise NewllmError("the evaluated text has fewer than 2 tokens; nothing to score.")
     nll = torch.zeros((), dtype=torch.float64)
     scored = 0
-    batches = [spans[i:i + batch_size] for i in range(0, len(spans), batch_size)]
+    batches = window_batches(windows, batch_size, context_length, stride)
     for batch in progress(batches, desc="eval-ppl", unit="batch"):
-        # Windows in a batch have equal length, except a lone window shorter than the context.
-        inputs = torch.stack([stream[b:e] for b, e, _ in batch]).to(scorer.device)  # [B, T]
-        keep = max(n for _, _, n in batch)
+        length = batch[0].length
+        keep = length - min(w.length - w.scored for w in batch)  # logits needed from the end
+        inputs = torch.full((len(batch), length), scorer.separator_id, dtype=torch.long)
         labels = torch.full((len(batch), keep), -100, dtype=torch.long)
-        for row, (_, end, n) in enumerate(batch):
-            targets = stream[end + 1 - n:end + 1]
-            labels[row, keep - n:] = torch.where(score_mask[end + 1 - n:end + 1], targets, -100)
-        logits = _upcast(scorer.logits(inputs, keep))  # [B, keep, V]
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                 labels.reshape(-1).to(logits.device), reduction="sum")
-        if not torch.isfinite(losses):
-            raise NewllmError("eval-ppl: the model produced a non-finite loss (NaN/inf); "
-                              "try base.dtype float32.")
-        nll += losses.double().cpu()
+        for row, w in enumerate(batch):
+            ids, mask = streams[w.stream]
+            inputs[row, :w.length] = ids[w.begin:w.end]
+            targets = slice(w.end + 1 - w.scored, w.end + 1)
+            first = keep - (length - w.length) - w.scored  # column of the row's first target
+            labels[row, first:first + w.scored] = torch.where(mask[targets], ids[targets], -100)
+        logits = _upcast(scorer.logits(inputs.to(scorer.device), keep))  # [B, keep, V]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                               labels.reshape(-1).to(logits.device), reduction="sum")
+        _check_finite(loss)
+        nll += loss.double().cpu()
         scored += int((labels != -100).sum())
-    return float(nll), scored, len(spans)
+    return float(nll), scored, len(windows)
 
 
 @torch.inference_mode()
 def naive_sliding_window_nll(scorer: Scorer, stream: torch.Tensor, score_mask: torch.Tensor,
                              context_length: int, stride: int) -> tuple[float, int, int]:
     """The plain reference: one window at a time, full logits, target by target bookkeeping."""
-    _check_sizes(len(stream), context_length, stride)
+    check_window(context_length, stride, None)
     nll, scored, windows = 0.0, 0, 0
     first_target = 1
     while first_target < len(stream):
@@ -183,24 +267,17 @@ def naive_sliding_window_nll(scorer: Scorer, stream: torch.Tensor, score_mask: t
 
 
 def evaluate_ppl(scorer: Scorer, docs: list[torch.Tensor], texts: list[str], separator_id: int,
-                 context_length: int, stride: int, batch_size: int,
+                 context_length: int, stride: int, batch_size: int, documents: str = "separate",
                  naive: bool = False) -> PplResult:
     """Token PPL, word PPL and bits per byte of whole documents `docs` (with raw `texts`)."""
-    stream, mask = build_stream(docs, separator_id)
+    streams = build_streams(docs, separator_id, documents)
     if naive:
-        nll, tokens, windows = naive_sliding_window_nll(scorer, stream, mask, context_length,
-                                                        stride)
+        nll, tokens, windows = 0.0, 0, 0
+        for stream, mask in streams:
+            one = naive_sliding_window_nll(scorer, stream, mask, context_length, stride)
+            nll, tokens, windows = nll + one[0], tokens + one[1], windows + one[2]
     else:
-        nll, tokens, windows = sliding_window_nll(scorer, stream, mask, context_length, stride,
+        nll, tokens, windows = sliding_window_nll(scorer, streams, context_length, stride,
                                                   batch_size)
     return PplResult(nll, tokens, sum(count_words(t) for t in texts),
                      sum(count_bytes(t) for t in texts), windows, context_length, stride)
-
-
-def separator_token_id(tokenizer: Any) -> int:
-    """The document separator: EOS (else BOS); evaluation needs one of them."""
-    for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise NewllmError("the base tokenizer has neither an EOS nor a BOS token to separate "
-                      "documents with.")

@@ -81,7 +81,7 @@ def test_single_window_equals_one_forward_pass(tiny):
     token_nll = -log_probs[targets - 1, stream[targets]]
     expected_nll = token_nll[mask[1:]].sum().item()
     result = evaluate_ppl(scorer, docs, TEXTS, sep, context_length=len(stream), stride=7,
-                          batch_size=3)
+                          batch_size=3, documents="stream")
     assert result.tokens == int(mask.sum()) == sum(len(d) for d in docs)
     assert result.token_ppl == pytest.approx(math.exp(expected_nll / result.tokens), abs=1e-4)
     words = sum(count_words(t) for t in TEXTS)
@@ -103,7 +103,7 @@ def test_batched_matches_plain_window_loop(tiny, context, stride, batch_size):
     stream, mask = build_stream(docs, sep)
     assert len(stream) > 2 * context  # several windows
     expected_nll, expected_count = reference_window_loop(model, stream, mask, context, stride)
-    result = evaluate_ppl(scorer, docs, TEXTS, sep, context, stride, batch_size)
+    result = evaluate_ppl(scorer, docs, TEXTS, sep, context, stride, batch_size, "stream")
     assert result.tokens == expected_count
     assert result.token_ppl == pytest.approx(math.exp(expected_nll / expected_count), abs=1e-4)
     naive_nll, naive_count, _ = naive_sliding_window_nll(scorer, stream, mask, context, stride)
@@ -114,8 +114,8 @@ def test_batched_matches_plain_window_loop(tiny, context, stride, batch_size):
 def test_stride_changes_result_but_context_limits_it(tiny):
     """Longer context (smaller stride) must change the NLL: the test can tell windows apart."""
     _, scorer, docs, sep = tiny
-    short = evaluate_ppl(scorer, docs, TEXTS, sep, 8, 8, 4)
-    overlap = evaluate_ppl(scorer, docs, TEXTS, sep, 8, 2, 4)
+    short = evaluate_ppl(scorer, docs, TEXTS, sep, 8, 8, 4, "stream")
+    overlap = evaluate_ppl(scorer, docs, TEXTS, sep, 8, 2, 4, "stream")
     assert short.tokens == overlap.tokens
     assert short.nll != pytest.approx(overlap.nll, abs=1e-6)
 
@@ -126,10 +126,116 @@ def test_non_finite_logits_stop_with_a_clear_error(tiny):
     _, scorer, docs, sep = tiny
 
     class NanScorer:
-        device, info, separator_id = scorer.device, scorer.info, sep
+        device, info, separator_id, max_length = scorer.device, scorer.info, sep, None
 
         def logits(self, input_ids, keep):
             return torch.full((*input_ids.shape[:1], keep, 400), float("nan"))
 
     with pytest.raises(NewllmError, match="non-finite loss"):
         evaluate_ppl(NanScorer(), docs, TEXTS, sep, 16, 8, 2)
+
+
+def lm_eval_rolling_nll(model, docs, prefix_token, context_length, stride):
+    """lm-evaluation-harness's loglikelihood_rolling, window by window, with its own window
+    maker: rolling windows of `context_length` predicting `stride` new tokens, made disjoint
+    and scored as HFLM scores a (context, continuation) request."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    nll, count = 0.0, 0
+    for doc in docs:
+        windows = get_rolling_token_windows(doc.tolist(), prefix_token, context_length,
+                                            context_length - stride + 1)
+        for context, continuation in map(make_disjoint_window, windows):
+            inputs = (context + continuation)[-(context_length + 1):][:-1]
+            with torch.no_grad():
+                logits = model(torch.tensor([inputs])).logits[0, -len(continuation):]
+            log_probs = torch.log_softmax(logits.double(), -1)
+            nll -= log_probs[torch.arange(len(continuation)), continuation].sum().item()
+            count += len(continuation)
+    return nll, count
+
+
+@pytest.mark.parametrize("context,stride,batch_size", [(8, 8, 2), (8, 3, 4), (16, 5, 1),
+                                                       (64, 32, 4)])
+def test_separate_documents_match_lm_eval_rolling_windows(tiny, context, stride, batch_size):
+    model, scorer, docs, sep = tiny
+    assert max(len(d) for d in docs) > context or context == 64  # several windows per doc
+    expected_nll, expected_count = lm_eval_rolling_nll(model, docs, sep, context, stride)
+    result = evaluate_ppl(scorer, docs, TEXTS, sep, context, stride, batch_size, "separate")
+    assert result.tokens == expected_count == sum(len(d) for d in docs)
+    assert result.nll == pytest.approx(expected_nll, abs=1e-6)
+    naive = evaluate_ppl(scorer, docs, TEXTS, sep, context, stride, batch_size, "separate",
+                         naive=True)
+    assert naive.nll == pytest.approx(expected_nll, abs=1e-6)
+
+
+def test_separate_does_not_depend_on_document_order_but_stream_does(tiny):
+    _, scorer, docs, sep = tiny
+    order = [3, 0, 4, 2, 1]
+    shuffled, texts = [docs[i] for i in order], [TEXTS[i] for i in order]
+    separate = evaluate_ppl(scorer, docs, TEXTS, sep, 32, 16, 4, "separate")
+    assert evaluate_ppl(scorer, shuffled, texts, sep, 32, 16, 4, "separate").nll == \
+        pytest.approx(separate.nll, abs=1e-9)
+    stream = evaluate_ppl(scorer, docs, TEXTS, sep, 32, 16, 4, "stream")
+    assert evaluate_ppl(scorer, shuffled, texts, sep, 32, 16, 4, "stream").nll != \
+        pytest.approx(stream.nll, abs=1e-6)
+
+
+@pytest.mark.parametrize("lengths,context,stride,batch_size", [
+    ([5000], 512, 64, 8),             # one long stream: the first window must stand alone
+    ([40, 700, 3, 90, 512, 513], 64, 16, 4),
+    ([30] * 50, 512, 256, 4),         # short documents share batches
+])
+def test_window_batches_bound_logits_and_cover_every_window(lengths, context, stride,
+                                                            batch_size):
+    from newllm.ppl import Window, window_batches
+
+    windows = [Window(i, b, e, n) for i, n_tokens in enumerate(lengths)
+               for b, e, n in window_spans(n_tokens, context, stride)]
+    batches = window_batches(windows, batch_size, context, stride)
+    assert sorted(w for batch in batches for w in batch) == sorted(windows)
+    for batch in batches:
+        length = max(w.length for w in batch)
+        keep = length - min(w.length - w.scored for w in batch)
+        if len(batch) > 1:  # a lone window may exceed the budget: it has to be scored
+            assert len(batch) * keep <= batch_size * stride
+            assert len(batch) * length <= batch_size * context
+    if lengths == [5000]:  # the first window scores 512 = batch_size x stride positions
+        assert [len(b) for b in batches if any(w.begin == 0 for w in b)] == [1]
+        assert all(len(b) == batch_size for b in batches[1:-1])
+    if lengths == [30] * 50:
+        assert len(batches) < 50 // 2  # several short documents per forward pass
+
+
+def test_context_longer_than_the_model_reads_is_a_clear_error(tiny):
+    from newllm.errors import NewllmError
+
+    _, scorer, docs, sep = tiny
+    assert scorer.max_length == 512
+    with pytest.raises(NewllmError, match=r"context_length \(1024\) exceeds the model's "
+                                          r"max_position_embeddings \(512\)"):
+        evaluate_ppl(scorer, docs, TEXTS, sep, 1024, 512, 2)
+
+
+class FakeTokenizer:
+    def __init__(self, vocab, bos=None, eos=None):
+        self.vocab, self.bos_token_id, self.eos_token_id = vocab, bos, eos
+
+    def get_vocab(self):
+        return self.vocab
+
+
+def test_separator_prefers_the_document_boundary_over_chat_markers():
+    from newllm.errors import NewllmError
+    from newllm.tokens import separator_token_id
+
+    chat = FakeTokenizer({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3},
+                         bos=1, eos=2)  # SmolLM2-Instruct's layout
+    assert separator_token_id(chat) == 0
+    assert separator_token_id(chat, "<|im_end|>") == 2
+    assert separator_token_id(FakeTokenizer({"<s>": 1, "</s>": 2}, bos=1, eos=2)) == 1
+    assert separator_token_id(FakeTokenizer({"</s>": 0}, eos=0)) == 0
+    with pytest.raises(NewllmError, match=r"base\.separator_token '<eos>' is not a token"):
+        separator_token_id(chat, "<eos>")
+    with pytest.raises(NewllmError, match="no document-boundary, BOS or EOS"):
+        separator_token_id(FakeTokenizer({"a": 0}))

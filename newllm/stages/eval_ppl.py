@@ -12,7 +12,7 @@ from newllm.cli import stage_command
 from newllm.data import SPLITS, load_split
 from newllm.errors import NewllmError
 from newllm.params import param
-from newllm.ppl import MODEL_KINDS, evaluate_ppl
+from newllm.ppl import DOCUMENT_MODES, MODEL_KINDS, check_window, evaluate_ppl
 
 
 @dataclass
@@ -23,20 +23,25 @@ class EvalPplParams:
     split: str = param("val", "Split to evaluate.", choices=SPLITS)
     context_length: int = param(512, "Tokens per window.", min=2)
     stride: int = param(256, "New tokens scored per window after the first.", min=1)
-    batch_size: int = param(4, "Windows per forward pass.", min=1)
+    batch_size: int = param(4, "Forward-pass size in windows: at most batch_size x "
+                            "context_length input tokens and batch_size x stride scored "
+                            "positions (short documents share a batch).", min=1)
+    documents: str = param("separate", "separate: each document scored on its own as [sep, "
+                           "doc] (lm-evaluation-harness's loglikelihood_rolling); stream: "
+                           "documents back to back, [sep, d1, sep, d2, ...].",
+                           choices=DOCUMENT_MODES)
     max_tokens: int | None = param(None, "Evaluate whole documents until this many tokens "
                                    "(null = the whole split).", min=1)
     metrics: str = param("metrics/eval_ppl.json", "Metrics JSON to write.")
 
     def check(self) -> None:
-        if self.stride > self.context_length:
-            raise NewllmError(f"eval_ppl.stride ({self.stride}) must be <= "
-                              f"eval_ppl.context_length ({self.context_length}).")
+        check_window(self.context_length, self.stride, None)  # before loading any model
 
 
 @stage_command("eval-ppl", BaseParams, EvalPplParams,
                help="Sliding-window perplexity: every token scored once, windows after the "
-                    "first score only their last `stride` tokens. Reports token PPL, word PPL "
+                    "first score only their last `stride` tokens; documents scored separately "
+                    "(as lm-evaluation-harness) or as one stream. Reports token PPL, word PPL "
                     "and bits per byte.")
 def eval_ppl(base: BaseParams, params: EvalPplParams) -> None:
     if params.model_kind not in MODEL_KINDS:
@@ -46,16 +51,19 @@ def eval_ppl(base: BaseParams, params: EvalPplParams) -> None:
     split = load_split(params.data, params.split, base=scorer.info.tokenizer_only())
     docs, texts = split.documents(params.max_tokens)
     result = evaluate_ppl(scorer, docs, texts, scorer.separator_id, params.context_length,
-                          params.stride, params.batch_size)
+                          params.stride, params.batch_size, params.documents)
     metrics = {
         "token_ppl": result.token_ppl, "word_ppl": result.word_ppl,
         "bits_per_byte": result.bits_per_byte, "tokens": result.tokens, "words": result.words,
         "bytes": result.bytes, "documents": len(docs), "windows": result.windows,
+        "documents_mode": params.documents, "separator_token": scorer.separator_token,
+        "separator_token_id": scorer.separator_id,
         "context_length": params.context_length, "stride": params.stride,
         "split": params.split, "model_kind": params.model_kind, "model_id": scorer.info.model_id,
     }
     write_metrics(params.metrics, metrics)
     click.echo(f"{params.split}: token PPL {result.token_ppl:.4f}, word PPL "
                f"{result.word_ppl:.4f}, bits/byte {result.bits_per_byte:.4f} "
-               f"({result.tokens} tokens, context {params.context_length}, stride "
+               f"({result.tokens} tokens, {len(docs)} documents scored {params.documents}ly "
+               f"after {scorer.separator_token}, context {params.context_length}, stride "
                f"{params.stride})")
