@@ -1,0 +1,78 @@
+"""The headline figures of every line of research, declared in one place.
+
+`newllm report` prints one table per `Headline` below, in this order, from the
+metrics file of the named dvc.yaml stage. A new line of research adds its
+section here (and nowhere else): a title, the stage, and the metrics keys with
+their labels and formats. A per-row table (one row per layer, say) gives a
+`rows` regex whose first group is the row's name: `layer(\\d+)_` reads
+`layer15_mlp_top1` as row 15, column key `mlp_top1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One headline figure: a metrics key, its label and how to print it.
+
+    `fmt` is a `format()` spec: `.3f` for a float, `,d` for an integer, `` for any
+    value as text. An `optional` figure is shown only where the metrics file has it
+    (keys a newer run adds); a missing required one means the metrics are stale.
+    """
+
+    key: str
+    label: str
+    fmt: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One line of research: a section of the report and a key of `newllm report --json`."""
+
+    name: str  # the --json key: short, stable, snake_case
+    title: str
+    stage: str  # the dvc.yaml stage (a matrix stage's name without @...) with one metrics file
+    figures: tuple[Figure, ...]
+    rows: str | None = None  # regex matched at the start of each key; group 1 names the row
+    row_label: str = "row"
+    note: str = ""  # one sentence under the table in report/README.md
+
+
+HEADLINES: tuple[Headline, ...] = (
+    Headline(
+        name="perplexity",
+        title="Base model perplexity",
+        stage="eval-ppl",
+        figures=(
+            Figure("model_id", "model"),
+            Figure("split", "split"),
+            Figure("tokens", "tokens scored", ",d"),
+            Figure("context_length", "context length", "d"),
+            Figure("stride", "stride", "d"),
+            Figure("documents_mode", "documents", optional=True),
+            Figure("separator_token", "separator token", optional=True),
+            Figure("token_ppl", "token PPL", ".3f"),
+            Figure("word_ppl", "word PPL", ".3f"),
+            Figure("bits_per_byte", "bits per byte", ".4f"),
+        ),
+        note="Sliding-window perplexity on the split: every token scored once; windows "
+             "after the first score only their last `stride` tokens.",
+    ),
+    Headline(
+        name="converter",
+        title="Hidden state -> token embedding: held-out top-1 per layer",
+        stage="converter-report",
+        rows=r"layer(\d+)_",
+        row_label="layer",
+        figures=(
+            Figure("linear_top1", "linear", ".3f"),
+            Figure("mlp_top1", "mlp", ".3f"),
+            Figure("identity_top1", "identity", ".3f"),
+        ),
+        note="Share of held-out token ids whose converted hidden state is nearest (cosine) "
+             "to their own input embedding; identity is the raw hidden state.",
+    ),
+)

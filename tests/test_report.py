@@ -1,0 +1,252 @@
+"""`newllm report` on a synthetic project whose metrics are random numbers drawn per test.
+
+The project's dvc.yaml gives every section of newllm/headlines.py its stage (metrics paths
+through `${...}` in params.yaml) and declares two plots (a file with a y mapping, and a folder
+of runs written by a matrix stage), so each declared figure and plot is checked, including
+sections added later.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO, assert_one_line_error
+
+from newllm.headlines import HEADLINES, Figure, Headline
+from newllm.report import load_pipeline, metrics_file
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def value_for(figure: Figure, rng: random.Random) -> Any:
+    """A random value of the kind the figure's format spec prints."""
+    if figure.fmt.endswith("d"):
+        return rng.randrange(1, 10**6)
+    if figure.fmt:
+        return rng.uniform(0.001, 1000.0)
+    return f"v{rng.randrange(10**9)}"
+
+
+def row_key(pattern: str, row: str) -> str:
+    """A metrics-key prefix that `pattern` reads as `row` (its first group replaced)."""
+    prefix = re.sub(r"\\(.)", r"\1", re.sub(r"\((?!\?).*?\)", row, pattern, count=1))
+    match = re.match(pattern, prefix)
+    assert match and match[1] == row, f"cannot build a key for rows '{pattern}'"
+    return prefix
+
+
+def synthetic_metrics(headline: Headline, rng: random.Random, optional: bool = True
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(metrics file content, {row: {key: value}}); row '' for a label/value section."""
+    figures = [f for f in headline.figures if optional or not f.optional]
+    if headline.rows is None:
+        values = {f.key: value_for(f, rng) for f in figures}
+        return {**values, "unrelated_key": rng.random()}, {"": values}
+    rows = {str(n): {f.key: value_for(f, rng) for f in figures}
+            for n in rng.sample(range(1, 40), 3)}
+    content = {row_key(headline.rows, r) + k: v for r, kv in rows.items() for k, v in kv.items()}
+    return content, rows
+
+
+def make_project(root: Path, rng: random.Random, optional: bool = True
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """dvc.yaml, params.yaml, metrics and plot data; returns {headline name: rows}."""
+    stages: dict[str, Any] = {}
+    params: dict[str, Any] = {"paths": {}, "runs": ["a", "b", "c"]}
+    expected = {}
+    for headline in HEADLINES:
+        path = f"metrics/{headline.name}.json"
+        params["paths"][headline.name] = path
+        stages[headline.stage] = {"cmd": "true",
+                                  "metrics": [{f"${{paths.{headline.name}}}": {"cache": False}}]}
+        content, expected[headline.name] = synthetic_metrics(headline, rng, optional)
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps(content))
+    stages["test-runs"] = {"matrix": {"run": "${runs}"}, "cmd": "true",
+                           "outs": [{"plots/runs/${item.run}.csv": {"cache": False}}]}
+    stages["test-summary"] = {"cmd": "true", "outs": [{"plots/summary.csv": {"cache": False}}]}
+    pipeline = {"stages": stages, "plots": [
+        {"Score vs step": {"x": "step", "y": {"plots/summary.csv": ["score", "other"]}}},
+        {"plots/runs": {"x": "epoch", "y": ["train_loss", "val_loss"]}},
+    ]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "plots" / "runs").mkdir(parents=True)
+    (root / "plots" / "summary.csv").write_text(
+        "step,score,other\n" + "".join(f"{i},{rng.random()},{rng.random()}\n" for i in range(5)))
+    for run in params["runs"]:
+        (root / "plots" / "runs" / f"{run}.csv").write_text("epoch,train_loss,val_loss\n" + "".join(
+            f"{e},{rng.random()},{rng.random()}\n" for e in range(1, 4)))
+    return expected
+
+
+def figure_of(headline: Headline, key: str) -> Figure:
+    return next(f for f in headline.figures if f.key == key)
+
+
+def assert_printed(out: str, expected: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Every headline figure is on its line: `label  value`, or a row `row  v1  v2 ...`."""
+    lines = out.splitlines()
+    for headline in HEADLINES:
+        start = next(i for i, line in enumerate(lines) if line.startswith(headline.title))
+        end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+        block = lines[start + 1:end]
+        for row, values in expected[headline.name].items():
+            if headline.rows is None:
+                for key, value in values.items():
+                    figure = figure_of(headline, key)
+                    text = format(value, figure.fmt)
+                    assert any(re.fullmatch(rf"  {re.escape(figure.label)} +{re.escape(text)}",
+                                            line) for line in block), (figure, text, block)
+            else:
+                cells = [row] + [format(values[f.key], f.fmt) for f in headline.figures
+                                 if f.key in values]
+                assert cells in [line.split() for line in block], (cells, block)
+        if headline.rows is not None:  # rows in numeric order
+            shown = [line.split()[0] for line in block[1:]]
+            assert shown == sorted(expected[headline.name], key=int)
+
+
+def test_report_prints_every_headline_figure(tmp_path, run_cli):
+    expected = make_project(tmp_path, random.Random())
+    result = run_cli("report", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert_printed(result.out, expected)
+    readme = (tmp_path / "report" / "README.md").read_text()
+    for headline in HEADLINES:
+        assert f"## {headline.title}" in readme
+        for row, values in expected[headline.name].items():
+            texts = [format(values[f.key], f.fmt) for f in headline.figures]
+            if headline.rows is None:
+                lines = [f"| {f.label} | {t} |" for f, t in zip(headline.figures, texts,
+                                                                strict=True)]
+            else:
+                lines = ["| " + " | ".join([row, *texts]) + " |"]
+            for line in lines:
+                assert line + "\n" in readme, line
+
+
+def test_report_writes_one_deterministic_png_per_plot(tmp_path, run_cli):
+    import matplotlib.image
+
+    make_project(tmp_path, random.Random())
+    assert run_cli("report", "--out", "out", cwd=tmp_path).code == 0
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 2  # the two top-level plots of the synthetic dvc.yaml
+    readme = (tmp_path / "out" / "README.md").read_text()
+    first = {}
+    for png in pngs:
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert b"Software" not in data and b"Creation" not in data
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({png.name})" in readme
+        first[png.name] = data
+    # Rerunning on the same data gives the same bytes (no dates, same fonts and layout).
+    assert run_cli("report", "--out", "out", cwd=tmp_path).code == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")} == first
+
+
+def test_missing_metrics_file_names_the_stage_and_writes_nothing(tmp_path, run_cli):
+    make_project(tmp_path, random.Random())
+    headline = HEADLINES[0]
+    (tmp_path / "metrics" / f"{headline.name}.json").unlink()
+    result = run_cli("report", cwd=tmp_path)
+    assert result.code == 2
+    assert_one_line_error(result, f"metrics/{headline.name}.json does not exist",
+                          f"run `dvc repro {headline.stage}`")
+    assert not (tmp_path / "report").exists()
+    assert result.out == ""
+    assert run_cli("report", "--json", cwd=tmp_path).code == 2
+
+
+def test_an_earlier_report_survives_a_failed_one(tmp_path, run_cli):
+    make_project(tmp_path, random.Random())
+    assert run_cli("report", cwd=tmp_path).code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+    (tmp_path / "plots" / "runs" / "b.csv").unlink()
+    result = run_cli("report", cwd=tmp_path)
+    assert_one_line_error(result, "plots/runs/b.csv does not exist", "dvc repro test-runs")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before
+
+
+def test_stale_metrics_without_a_headline_key(tmp_path, run_cli):
+    make_project(tmp_path, random.Random())
+    headline = HEADLINES[0]
+    figure = next(f for f in headline.figures if not f.optional)
+    path = tmp_path / "metrics" / f"{headline.name}.json"
+    metrics = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith(figure.key)}
+    path.write_text(json.dumps(metrics))
+    assert_one_line_error(run_cli("report", cwd=tmp_path), f"no '{figure.key}'",
+                          f"dvc repro {headline.stage}")
+
+
+def test_optional_figures_show_only_when_present(tmp_path, run_cli):
+    with_optional = [h for h in HEADLINES if any(f.optional for f in h.figures)]
+    if not with_optional:
+        pytest.skip("no headline declares an optional figure")
+    expected = make_project(tmp_path, random.Random(), optional=False)
+    result = run_cli("report", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert_printed(result.out, expected)
+    for headline in with_optional:
+        for figure in (f for f in headline.figures if f.optional):
+            assert f"  {figure.label}  " not in result.out
+
+
+def test_json_carries_the_printed_figures(tmp_path, run_cli):
+    expected = make_project(tmp_path, random.Random())
+    result = run_cli("report", "--json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert not (tmp_path / "report").exists()  # --json writes nothing
+    report = json.loads(result.out)
+    assert list(report) == [h.name for h in HEADLINES]
+    for headline in HEADLINES:
+        section = report[headline.name]
+        assert section["stage"] == headline.stage
+        assert section["metrics"] == f"metrics/{headline.name}.json"
+        rows = expected[headline.name]
+        assert section["figures"] == (rows[""] if headline.rows is None else rows)
+    # ...and they are what the table prints.
+    table = run_cli("report", cwd=tmp_path)
+    assert_printed(table.out, {h.name: ({"": report[h.name]["figures"]} if h.rows is None
+                                        else report[h.name]["figures"]) for h in HEADLINES})
+
+
+def test_refuses_an_out_folder_it_did_not_write(tmp_path, run_cli):
+    make_project(tmp_path, random.Random())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    assert_one_line_error(run_cli("report", "--out", "notes", cwd=tmp_path), "mine.txt")
+    assert_one_line_error(run_cli("report", "--out", ".", cwd=tmp_path), "dvc.yaml")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_outside_a_project(tmp_path, run_cli):
+    assert_one_line_error(run_cli("report", cwd=tmp_path), "dvc.yaml does not exist")
+
+
+def test_every_headline_names_a_real_stage_with_one_metrics_file():
+    pipeline = load_pipeline(REPO)
+    for headline in HEADLINES:
+        assert metrics_file(pipeline, headline).endswith(".json")
+    assert len({h.name for h in HEADLINES}) == len(HEADLINES)
+
+
+def test_resolver_agrees_with_dvc_on_the_real_pipeline():
+    dvc_repo = pytest.importorskip("dvc.repo")
+    with dvc_repo.Repo(str(REPO)) as repo:
+        theirs = {stage.addressing: sorted(str(o.def_path) for o in stage.outs if o.metric)
+                  for stage in repo.index.stages}
+        their_outs = {stage.addressing: sorted(str(o.def_path) for o in stage.outs)
+                      for stage in repo.index.stages}
+    stages = load_pipeline(REPO).stages
+    assert {s.name: sorted(s.metrics) for s in stages} == theirs
+    assert {s.name: sorted(s.outs) for s in stages} == their_outs
