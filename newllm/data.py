@@ -1,5 +1,9 @@
 """Corpora: read documents, split them by document, tokenize, and read prepared splits back.
 
+A corpus is read strictly: a file that is not UTF-8 or a JSONL line that is not a JSON
+object with the text field is a one-line error naming the file (and line, or byte offset),
+never a silently replaced character.
+
 A prepared split is `<split>.safetensors` (token ids of all documents back to
 back, `input_ids` [N] int32, and `doc_offsets` [D+1] int64 marking where each
 document starts) plus `<split>.jsonl` with the raw text of each document, which
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from newllm.artifacts import Artifact, load_artifact
@@ -24,6 +29,7 @@ SPLITS = ("train", "val", "test")
 PREPARED_KIND = "prepared-split"
 WIKI_FILE = "summaries_en-us.json"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIX = ".jsonl"
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,56 @@ def count_bytes(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of `path`; NewllmError naming the file and the first bad byte if not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NewllmError(f"{path}: not valid UTF-8 (byte offset {exc.start}); expected "
+                          f"{what} in UTF-8.") from None
+
+
+def jsonl_lines(path: Path, what: str) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of each non-blank line of a JSONL file."""
+    rows = []
+    # split on "\n" only: str.splitlines() would also cut at U+2028 and other separators,
+    # which ensure_ascii=False JSON keeps raw inside strings
+    for number, line in enumerate(read_utf8(path, what).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise NewllmError(f"{path}:{number}: not valid JSON ({exc.msg}); expected {what}, "
+                              "one JSON object per line.") from None
+    return rows
+
+
+def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+    """Each line of a JSONL corpus is a document: a JSON object with its text in `text_field`."""
+    docs = []
+    for number, row in jsonl_lines(path, "a JSONL corpus"):
+        if not isinstance(row, dict):
+            raise NewllmError(f"{path}:{number}: expected a JSON object with a "
+                              f'"{text_field}" field, got {type(row).__name__}.')
+        if text_field not in row:
+            raise NewllmError(f'{path}:{number}: has no "{text_field}" field (keys: '
+                              f"{', '.join(map(str, row)) or 'none'}); set "
+                              "prepare_data.text_field.")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise NewllmError(f'{path}:{number}: "{text_field}" is a {type(text).__name__}, '
+                              "expected a string.")
+        title = row.get("title")
+        if text.strip():
+            docs.append(Document(title if isinstance(title, str) else f"{path.name}:{number}",
+                                 text.strip()))
+    return docs
+
+
 def _wiki_documents(path: Path) -> list[Document]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path, "a wiki summaries JSON"))
     except json.JSONDecodeError as exc:
         raise NewllmError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}).") from None
     if not isinstance(data, dict):
@@ -62,7 +115,7 @@ def _text_documents(files: list[Path]) -> list[Document]:
     """Each paragraph (blank-line separated) of each text file is a document."""
     docs = []
     for path in sorted(files):
-        paragraphs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+        paragraphs = re.split(r"\n\s*\n", read_utf8(path, "text"))
         docs += [Document(f"{path.name}#{i}", p.strip()) for i, p in enumerate(paragraphs)
                  if p.strip()]
     return docs
@@ -71,7 +124,12 @@ def _text_documents(files: list[Path]) -> list[Document]:
 def _dataset_documents(path: Path, text_field: str) -> list[Document]:
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    loaded = load_from_disk(str(path))
+    try:
+        loaded = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise NewllmError(f"{path}: could not load the saved dataset ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); expected "
+                          "a folder written by datasets' save_to_disk.") from None
     parts: list[Dataset] = list(loaded.values()) if isinstance(loaded, DatasetDict) else [loaded]
     docs = []
     for part_index, part in enumerate(parts):
@@ -86,22 +144,30 @@ def _dataset_documents(path: Path, text_field: str) -> list[Document]:
 
 
 def read_corpus(corpus: str | Path, text_field: str = "text") -> list[Document]:
-    """Documents from a wiki-summaries JSON, text files, or a `datasets` dataset on disk."""
+    """Documents from a wiki-summaries JSON, a JSONL file, text files, or a `datasets`
+    dataset on disk."""
     path = Path(corpus)
     if not path.exists():
         raise NewllmError(f"prepare_data.corpus '{path}' does not exist.")
-    if path.is_file():
-        docs = _wiki_documents(path) if path.suffix == ".json" else _text_documents([path])
+    if path.is_file() and path.suffix == ".json":
+        docs = _wiki_documents(path)
+    elif path.is_file() and path.suffix == JSONL_SUFFIX:
+        docs = _jsonl_documents(path, text_field)
+    elif path.is_file():
+        docs = _text_documents([path])
     elif (path / WIKI_FILE).exists():
         docs = _wiki_documents(path / WIKI_FILE)
     elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         docs = _dataset_documents(path, text_field)
     else:
-        files = [p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()]
-        docs = _text_documents(files)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        docs = _text_documents([p for p in files if p.suffix in TEXT_SUFFIXES])
+        for jsonl in (p for p in files if p.suffix == JSONL_SUFFIX):
+            docs += _jsonl_documents(jsonl, text_field)
     if not docs:
         raise NewllmError(f"prepare_data.corpus '{path}' contains no documents (expected a "
-                          f"{WIKI_FILE}, .txt/.md files or a dataset saved with save_to_disk).")
+                          f"{WIKI_FILE}, .jsonl, .txt/.md files or a dataset saved with "
+                          "save_to_disk).")
     return docs
 
 
@@ -126,14 +192,18 @@ def split_documents(docs: list[Document], val_fraction: float, test_fraction: fl
 def tokenize_documents(tokenizer: Any, docs: list[Document],
                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of all documents back to back (no special tokens) and document offsets."""
-    pieces: list[list[int]] = []
+    # One int32 array per document: a flat Python list of ints would take ~9x the memory
+    # of the ids themselves (28-byte int objects plus 8-byte pointers) on a large corpus.
+    chunks: list[np.ndarray] = []
+    lengths = [0]
     for start in range(0, len(docs), batch_size):
         texts = [d.text for d in docs[start:start + batch_size]]
-        pieces += tokenizer(texts, add_special_tokens=False)["input_ids"]
-    lengths = torch.tensor([0] + [len(p) for p in pieces], dtype=torch.int64)
-    offsets = torch.cumsum(lengths, dim=0)
-    ids = torch.tensor([t for p in pieces for t in p], dtype=torch.int32)
-    return ids, offsets
+        for piece in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            chunks.append(np.fromiter(piece, dtype=np.int32, count=len(piece)))
+            lengths.append(len(piece))
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    offsets = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), dim=0)
+    return torch.from_numpy(ids), offsets
 
 
 @dataclass
@@ -166,9 +236,14 @@ def load_split(prepared_dir: str | Path, split: str,
     folder = Path(prepared_dir)
     artifact = load_artifact(folder / f"{split}.safetensors", kind=PREPARED_KIND, base=base)
     text_path = folder / f"{split}.jsonl"
-    if not text_path.exists():
+    if not text_path.is_file():
         raise NewllmError(f"{text_path} does not exist; re-run prepare-data.")
-    texts = [json.loads(line)["text"] for line in text_path.read_text().splitlines() if line]
+    texts = []
+    for number, row in jsonl_lines(text_path, "prepare-data's documents"):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise NewllmError(f'{text_path}:{number}: has no "text" string; it was not written '
+                              "by prepare-data (re-run prepare-data).")
+        texts.append(row["text"])
     offsets = artifact["doc_offsets"]
     if len(texts) != len(offsets) - 1:
         raise NewllmError(f"{text_path} has {len(texts)} documents but {artifact.path} has "

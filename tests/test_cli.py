@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, make_corpus_texts
 
 from newllm.cli import _register, cli
-from newllm.data import load_split
+from newllm.data import Document, load_split, tokenize_documents
 
 
 def _prepare(run_cli, tiny_model, corpus, out, *extra):
@@ -29,14 +29,27 @@ def test_prepare_data_splits_by_document_deterministically(run_cli, tiny_model, 
     first, second = tmp_path / "a" / "prepared", tmp_path / "b" / "prepared"
     assert _prepare(run_cli, tiny_model, mini_corpus, first).code == 0
     assert _prepare(run_cli, tiny_model, mini_corpus, second).code == 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    corpus = json.loads(mini_corpus.read_text())
     titles = {}
     for split in ("train", "val", "test"):
-        a, b = first / f"{split}.safetensors", second / f"{split}.safetensors"
-        assert a.read_bytes() == b.read_bytes()
-        titles[split] = {json.loads(x)["title"] for x in (first / f"{split}.jsonl").open()}
+        for suffix in ("safetensors", "jsonl"):
+            a, b = first / f"{split}.{suffix}", second / f"{split}.{suffix}"
+            assert a.read_bytes() == b.read_bytes()
+        rows = [json.loads(x) for x in (first / f"{split}.jsonl").open()]
+        titles[split] = {row["title"] for row in rows}
         prepared = load_split(first, split)
-        # document boundaries: each document's tokens decode back to its text
-        assert len(prepared.doc_offsets) == len(prepared.texts) + 1
+        # document boundaries: offsets run from 0 to the end, strictly increasing, and the ids
+        # between two offsets are exactly the tokenization of that document's own text
+        offsets = prepared.doc_offsets.tolist()
+        assert offsets[0] == 0 and offsets[-1] == len(prepared.input_ids)
+        assert all(a < b for a, b in itertools.pairwise(offsets))
+        assert prepared.texts == [corpus[row["title"]]["extract"] for row in rows]
+        for i, text in enumerate(prepared.texts):
+            assert prepared.input_ids[offsets[i]:offsets[i + 1]].tolist() == \
+                tokenizer(text, add_special_tokens=False)["input_ids"], (split, i)
     assert not (titles["train"] & titles["val"]) and not (titles["val"] & titles["test"])
     assert sum(len(t) for t in titles.values()) == 40
     assert (len(titles["val"]), len(titles["test"])) == (8, 4)
@@ -77,6 +90,43 @@ def test_prepare_data_reads_text_files_and_saved_datasets(run_cli, tiny_model, t
             metrics["test_documents"] == 12
 
 
+def test_prepare_data_reads_jsonl_and_keeps_any_character_of_the_text(run_cli, tiny_model,
+                                                                       tmp_path):
+    # U+2028, U+0085 and U+000C are line breaks to str.splitlines() but stay raw inside a JSON
+    # string written with ensure_ascii=False; a reader that splits on them breaks documents
+    texts = [f"Document {i} crosses the bridge\u2028and\x85the river\x0c{'é' * i}."
+             for i in range(10)]
+    rows = [json.dumps({"id": i, "body": text}, ensure_ascii=False) for i, text in
+            enumerate(texts)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(rows[:5]) + "\n\n" + "\n".join(rows[5:]),
+                                           encoding="utf-8")
+    result = _prepare(run_cli, tiny_model, tmp_path / "corpus.jsonl", tmp_path / "j" / "prepared",
+                      "--text-field", "body")
+    assert result.code == 0, result.err
+    read_back = [t for split in ("train", "val", "test")
+                 for t in load_split(tmp_path / "j" / "prepared", split).texts]
+    assert sorted(read_back) == sorted(texts)
+
+
+def test_tokenize_documents_gives_the_bytes_of_the_plain_list_version(tiny_model):
+    from safetensors.torch import save
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    docs = [Document(title, entry["extract"]) for title, entry in make_corpus_texts().items()]
+    ids, offsets = tokenize_documents(tokenizer, docs, batch_size=7)  # batches end mid-corpus
+    # the reference: the previous implementation, one flat Python list of ints
+    pieces = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    ref_ids = torch.tensor([t for p in pieces for t in p], dtype=torch.int32)
+    ref_offsets = torch.cumsum(torch.tensor([0] + [len(p) for p in pieces], dtype=torch.int64),
+                               dim=0)
+    assert save({"input_ids": ids, "doc_offsets": offsets}) == \
+        save({"input_ids": ref_ids, "doc_offsets": ref_offsets})
+    empty_ids, empty_offsets = tokenize_documents(tokenizer, [])
+    assert empty_ids.dtype == torch.int32 and empty_ids.shape == (0,)
+    assert empty_offsets.tolist() == [0]
+
+
 def test_eval_ppl_writes_metrics(run_cli, tiny_model, prepared_tiny, tmp_path):
     result = run_cli("eval-ppl", "--model", str(tiny_model), "--data", str(prepared_tiny),
                      "--context-length", "32", "--stride", "16", "--batch-size", "2",
@@ -102,76 +152,20 @@ def test_params_yaml_gives_defaults_and_options_override(run_cli, tiny_model, pr
     assert json.loads((tmp_path / "out.json").read_text())["stride"] == 4
 
 
-@pytest.mark.parametrize("params,needles", [
-    ({"eval_ppl": {"strid": 8}}, ["eval_ppl.strid is not a known parameter"]),
-    ({"eval_ppl": {"stride": "eight"}}, ["eval_ppl.stride must be an integer", "'eight'"]),
-    ({"eval_ppl": {"stride": 0}}, ["eval_ppl.stride must be an integer >= 1"]),
-    ({"eval_ppl": {"split": "dev"}}, ["eval_ppl.split must be one of"]),
-    ({"base": {"dtype": 16}}, ["base.dtype must be one of"]),
-])
-def test_bad_params_yaml_is_one_clear_line(run_cli, tmp_path, params, needles):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_cli("eval-ppl", cwd=tmp_path)
-    assert_one_line_error(result, "params.yaml", *needles)
-    assert not (tmp_path / "metrics").exists()
-
-
-def test_inconsistent_params_name_both_keys(run_cli, tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"eval_ppl": {"context_length": 8, "stride": 16}}))
-    result = run_cli("eval-ppl", cwd=tmp_path)
-    assert_one_line_error(result, "eval_ppl.stride (16)", "eval_ppl.context_length (8)")
-
-
-def test_bad_option_value_is_rejected(run_cli, tmp_path):
-    result = run_cli("eval-ppl", "--stride", "0", cwd=tmp_path)
-    assert_one_line_error(result, "--stride", "eval_ppl.stride")
-
-
-def test_unknown_model_path(run_cli, tmp_path, mini_corpus):
-    result = run_cli("prepare-data", "--model", str(tmp_path / "no-such-model"),
-                     "--corpus", str(mini_corpus), "--out", "prepared", cwd=tmp_path)
-    assert_one_line_error(result, "base.model", "no-such-model")
-    assert not (tmp_path / "prepared").exists()
-
-
-def test_folder_that_is_not_a_model(run_cli, tmp_path, mini_corpus):
-    (tmp_path / "empty-model").mkdir()
-    result = run_cli("prepare-data", "--model", "empty-model", "--corpus", str(mini_corpus),
-                     cwd=tmp_path)
-    assert_one_line_error(result, "empty-model", "config.json")
-
-
-def test_empty_corpus(run_cli, tmp_path, tiny_model):
-    (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "empty.txt").write_text("\n\n  \n")
-    result = run_cli("prepare-data", "--model", str(tiny_model), "--corpus", "corpus",
-                     "--out", "prepared", cwd=tmp_path)
-    assert_one_line_error(result, "corpus", "contains no documents")
-    assert not (tmp_path / "prepared").exists()
-
-
-def test_missing_prepared_data(run_cli, tmp_path, tiny_model):
-    result = run_cli("eval-ppl", "--model", str(tiny_model), "--data", "nothing-here",
-                     cwd=tmp_path)
-    assert_one_line_error(result, "nothing-here", "does not exist")
-
-
-def test_prepared_data_from_another_tokenizer_is_rejected(run_cli, tmp_path, other_tiny_model,
-                                                          prepared_tiny):
-    result = run_cli("eval-ppl", "--model", str(other_tiny_model), "--data",
-                     str(prepared_tiny), cwd=tmp_path)
-    assert_one_line_error(result, "was made with base model", "tokenizer")
-
-
-def test_console_script_prints_no_traceback(tmp_path):
+def test_console_script_prints_no_traceback(tmp_path, tiny_model):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "newllm", "eval-ppl", "--data", "missing"],
+    # a valid model, so the one thing wrong is the missing data folder
+    result = subprocess.run([sys.executable, "-m", "newllm", "eval-ppl", "--model",
+                             str(tiny_model), "--data", "missing"],
                             cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: missing/val.safetensors does not "
+                                                   "exist"), result.stderr
+    assert not (tmp_path / "metrics").exists()
 
 
 def test_every_stage_option_has_a_params_key_and_dvc_passes_it():

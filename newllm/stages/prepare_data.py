@@ -26,8 +26,10 @@ from newllm.params import as_dict, param
 class PrepareDataParams:
     group = "prepare_data"
     corpus: str = param("data/assets/wiki", "Corpus: a wiki summaries JSON (or its folder), a "
-                        "folder of .txt/.md files, or a datasets dataset saved to disk.")
-    text_field: str = param("text", "Text column when the corpus is a datasets dataset.")
+                        ".jsonl file (one JSON object per line), a folder of .txt/.md/.jsonl "
+                        "files, or a datasets dataset saved to disk.")
+    text_field: str = param("text", "Text field of a .jsonl corpus's objects, or text column "
+                            "of a datasets dataset.")
     val_fraction: float = param(0.05, "Share of documents in the val split.", min=0.0, max=0.5)
     test_fraction: float = param(0.05, "Share of documents in the test split.", min=0.0, max=0.5)
     seed: int = param(0, "Seed of the document shuffle.", min=0)
