@@ -103,6 +103,22 @@ def test_same_params_give_byte_identical_pairs(run_cli, tiny_model, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+def test_same_params_give_byte_identical_converter_artifacts(run_cli, tiny_model, tmp_path):
+    outputs = ("conv/layer2_mlp/converter.safetensors",
+               "conv/layer2_mlp/converter.safetensors.json", "cm/layer2_mlp.json",
+               "cp/layer2_mlp.csv")
+    for run in ("a", "b"):
+        assert _extract(run_cli, tiny_model, tmp_path / run).code == 0
+        result = _train(run_cli, tiny_model, tmp_path / run, "--model-type", "mlp",
+                        "--hidden-dim", "16")
+        assert result.code == 0, result.err
+    for name in outputs:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # and nothing else in the converter folder that could differ
+    assert sorted(p.name for p in (tmp_path / "a" / "conv" / "layer2_mlp").iterdir()) == \
+        ["converter.safetensors", "converter.safetensors.json"]
+
+
 @pytest.mark.parametrize("layer", ["3", "-4"])
 def test_extract_pairs_layer_out_of_range(run_cli, tiny_model, tmp_path, layer):
     result = _extract(run_cli, tiny_model, tmp_path, "--layer-index", layer)
