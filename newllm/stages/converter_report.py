@@ -123,8 +123,9 @@ def layer_rows(found: dict[int, dict[str, dict[str, Any]]]
 
 
 @stage_command("converter-report", ConverterReportParams,
-               help="Collect train-converter metrics of every layer into one flat metrics JSON "
-                    "and a per-layer CSV (top-1 recovery vs layer for dvc plots).")
+               help="Collect the train-converter metrics of the declared layers and model "
+                    "types into one flat metrics JSON and a per-layer CSV (top-1 recovery vs "
+                    "layer for dvc plots).")
 def converter_report(params: ConverterReportParams) -> None:
     found = read_converter_metrics(Path(params.converters), params.layers, params.type_list())
     variants, stats, table = layer_rows(found)
