@@ -1,0 +1,116 @@
+"""The real dvc.yaml on the tiny model: `dvc repro`, `dvc push` to a local remote, then a
+fresh `git clone` + `dvc pull` is up to date (nothing reruns) and `newllm report` works there.
+
+Runs the stages `newllm report` reads (and whatever they depend on, prepare-data included);
+base.model and prepare_data.corpus point at the tiny model and mini corpus outside the repo
+(DVC hashes such deps like any other), so fetch-assets never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from test_report import PNG_MAGIC, assert_printed, row_key
+
+from newllm.headlines import HEADLINES
+from newllm.report import load_pipeline, metrics_file, producing_stage
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None,
+                                reason="git is not installed; the DVC round trip needs a git repo")
+
+BIN = Path(sys.executable).parent  # the venv's bin: `newllm` for the stages' commands
+
+
+def run(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(cwd.parent / "dvc-site-cache"),
+           "GIT_CONFIG_NOSYSTEM": "1"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return run(cwd, sys.executable, "-m", "dvc", *args)
+
+
+def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
+    """The project's params.yaml, scaled down to the tiny model (2 layers) and mini corpus."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"].update(model=str(tiny_model), device="cpu", dtype="float32")
+    params["prepare_data"].update(corpus=str(mini_corpus), val_fraction=0.2, test_fraction=0.1)
+    params["eval_ppl"].update(context_length=32, stride=16, batch_size=8)
+    params["per_layer"]["layers"] = [1, 2]
+    params["extract_pairs"].update(max_tokens=64, batch_size=64)
+    params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
+    if "layers" in params.get("converter_report", {}):
+        params["converter_report"]["layers"] = [1, 2]
+    return params
+
+
+def test_dvc_remote_round_trip(tmp_path, tiny_model, mini_corpus, run_cli):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    # The stages depend on the package's source files: the copy must have them.
+    shutil.copytree(REPO / "newllm", project / "newllm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(tiny_params(tiny_model, mini_corpus), sort_keys=False))
+    run(project, "git", "init", "-q")
+    run(project, "git", "config", "user.name", "newllm test")
+    run(project, "git", "config", "user.email", "test@newllm.invalid")
+    dvc(project, "init", "-q")
+
+    pipeline = load_pipeline(project)
+    targets = sorted({h.stage for h in HEADLINES}
+                     | {producing_stage(pipeline, f) for p in pipeline.plots for f in p.y} - {""})
+    dvc(project, "repro", *targets)
+    assert not (project / "data" / "assets").exists()  # fetch-assets did not run
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-q", "-m", "tiny pipeline")
+
+    remote = tmp_path / "remote"
+    dvc(project, "remote", "add", "-d", "local", str(remote))
+    dvc(project, "push")
+    assert any(p.is_file() for p in remote.rglob("*"))
+    run(project, "git", "commit", "-q", "-m", "remote", "--", ".dvc/config")
+
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    assert not (clone / "data" / "prepared").exists()  # DVC-tracked: not in git
+    dvc(clone, "pull", *targets, "--with-deps")
+    assert (clone / "data" / "prepared").is_dir()
+    status = dvc(clone, "status", *targets, "--with-deps")
+    assert "up to date" in status, status
+    again = dvc(clone, "repro", *targets)
+    assert "Running stage" not in again, again
+
+    # The report on the clone: every headline figure of the pulled metrics, one PNG per plot.
+    result = run_cli("report", "--json", cwd=clone)
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    for headline in HEADLINES:
+        metrics = json.loads((clone / metrics_file(pipeline, headline)).read_text())
+        figures = report[headline.name]["figures"]
+        if headline.rows is None:
+            assert figures and all(metrics[k] == v for k, v in figures.items())
+        else:
+            assert all(metrics[row_key(headline.rows, row) + k] == v
+                       for row, values in figures.items() for k, v in values.items())
+    assert set(report["converter"]["figures"]) == {"1", "2"}  # per_layer.layers
+    result = run_cli("report", cwd=clone)
+    assert result.code == 0, result.err
+    assert_printed(result.out, {h.name: ({"": report[h.name]["figures"]} if h.rows is None
+                                         else report[h.name]["figures"]) for h in HEADLINES})
+    pngs = sorted((clone / "report").glob("*.png"))
+    assert len(pngs) == len(pipeline.plots)
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
