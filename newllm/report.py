@@ -283,8 +283,11 @@ def read_section(pipeline: Pipeline, headline: Headline, root: Path = Path("."))
             raise NewllmError(f"{path} has no keys like '{headline.rows}' "
                               f"({headline.name} rows); {hint}.")
     wanted = {f.key for f in headline.figures}
-    rows = sorted(((r, {k: v for k, v in kv.items() if k in wanted}) for r, kv in by_row.items()),
-                  key=lambda row: (int(row[0]), "") if row[0].isdigit() else (1 << 62, row[0]))
+    picked = {row: {k: v for k, v in kv.items() if k in wanted} for row, kv in by_row.items()}
+    # Numbered rows (layers) in numeric order, then any others by name; rows with no
+    # headline figure (only other statistics) are left out.
+    rows = sorted(((row, kv) for row, kv in picked.items() if kv or headline.rows is None),
+                  key=lambda rk: (0, int(rk[0]), "") if rk[0].isdigit() else (1, 0, rk[0]))
     present = {k for _, kv in rows for k in kv}
     for figure in headline.figures:
         if figure.key not in present and not figure.optional:

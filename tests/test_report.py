@@ -188,6 +188,18 @@ def test_stale_metrics_without_a_headline_key(tmp_path, run_cli):
                           f"dvc repro {headline.stage}")
 
 
+def test_a_figure_that_is_not_a_number(tmp_path, run_cli):
+    make_project(tmp_path, random.Random())
+    headline, figure = next((h, f) for h in HEADLINES for f in h.figures if f.fmt)
+    path = tmp_path / "metrics" / f"{headline.name}.json"
+    metrics = {k: ("n/a" if k.endswith(figure.key) else v)
+               for k, v in json.loads(path.read_text()).items()}
+    path.write_text(json.dumps(metrics))
+    assert_one_line_error(run_cli("report", cwd=tmp_path), f"'{figure.key}' is 'n/a'",
+                          "expected a number")
+    assert not (tmp_path / "report").exists()
+
+
 def test_optional_figures_show_only_when_present(tmp_path, run_cli):
     with_optional = [h for h in HEADLINES if any(f.optional for f in h.figures)]
     if not with_optional:
