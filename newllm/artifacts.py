@@ -2,8 +2,10 @@
 
 An artifact is a `.safetensors` file. Its metadata holds one key, `newllm`, a
 JSON document with the artifact kind, the producing stage and its params, the
-base model's identity (id, weights hash, tokenizer hash), tensor shapes and
-library versions. A human-readable copy goes to a JSON sidecar (`<file>.json`)
+base model's identity (id, weights hash, tokenizer hash), tensor shapes, library
+versions and torch's CPU thread count (float32 sums on CPU depend on it); reading
+an artifact made with other versions or threads warns on stderr, it never fails.
+A human-readable copy goes to a JSON sidecar (`<file>.json`)
 that nothing reads back. Both are deterministic (no creation time: git and
 dvc.lock date a run), so the same inputs give byte-identical outputs and DVC
 skips the stages downstream of a rerun that changed nothing.
@@ -19,6 +21,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,6 +110,35 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__, "safetensors": safetensors.__version__}
 
 
+def runtime_settings() -> dict[str, Any]:
+    """What besides library versions can change float32 CPU figures: the thread count
+    decides how torch splits (and so rounds) its sums."""
+    return {"torch_threads": torch.get_num_threads()}
+
+
+def provenance_difference(meta: dict[str, Any]) -> str | None:
+    """'transformers 5.23.0, ...' then vs now, or None when the artifact's recorded
+    versions and settings match this process (unrecorded ones are not compared)."""
+    recorded: dict[str, Any] = {**(meta.get("versions") or {}), **(meta.get("runtime") or {})}
+    current: dict[str, Any] = {**library_versions(), **runtime_settings()}
+    differ = [key for key in sorted(current) if key in recorded and recorded[key] != current[key]]
+    if not differ:
+        return None
+
+    def describe(values: dict[str, Any]) -> str:
+        return ", ".join(f"{key.replace('_', ' ')} {values[key]}" for key in differ)
+
+    return f"made with {describe(recorded)}, this is {describe(current)}"
+
+
+def warn_if_made_elsewhere(path: Path, meta: dict[str, Any]) -> None:
+    """One stderr line when the artifact came from other library versions or thread count:
+    a rerun may not reproduce its figures exactly, but it is still usable."""
+    difference = provenance_difference(meta)
+    if difference:
+        print(f"warning: {path} was {difference}; figures may differ", file=sys.stderr)
+
+
 @dataclass(frozen=True)
 class Artifact:
     tensors: dict[str, torch.Tensor]
@@ -136,6 +168,7 @@ def save_artifact(
         "base": base,
         "shapes": {name: list(t.shape) for name, t in tensors.items()},
         "versions": library_versions(),
+        "runtime": runtime_settings(),
         "extra": extra or {},
     }
     blob = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
@@ -171,6 +204,7 @@ def load_artifact(
         raise NewllmError(f"{path} is a '{meta.get('kind')}' artifact, expected '{kind}'.")
     if base is not None:
         check_same_base(path, meta.get("base"), base)
+    warn_if_made_elsewhere(path, meta)
     with safetensors.safe_open(str(path), framework="pt", device=str(device)) as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     return Artifact(tensors, meta, path)

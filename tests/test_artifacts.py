@@ -115,3 +115,63 @@ def test_foreign_safetensors_without_metadata_is_rejected(tmp_path):
     save_file({"X": torch.zeros(2)}, path)
     with pytest.raises(NewllmError, match="not written by newllm"):
         load_artifact(path, kind="pairs")
+
+
+def _warnings(err):
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+def test_same_versions_and_threads_load_silently(tmp_path, capsys):
+    path = tmp_path / "a.safetensors"
+    _save(path)
+    assert read_meta(path)["runtime"] == {"torch_threads": torch.get_num_threads()}
+    capsys.readouterr()
+    load_artifact(path, kind="pairs")
+    assert capsys.readouterr().err == ""
+
+
+def test_other_library_version_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    path = tmp_path / "a.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers, "__version__", "5.23.0")
+        tensors = _save(path)
+    now = transformers.__version__
+    capsys.readouterr()
+    artifact = load_artifact(path, kind="pairs", base=BASE_A)  # still usable
+    assert torch.equal(artifact["X"], tensors["X"])
+    lines = _warnings(capsys.readouterr().err)
+    assert lines == [f"warning: {path} was made with transformers 5.23.0, this is "
+                     f"transformers {now}; figures may differ"]
+
+
+def test_other_thread_count_warns(tmp_path, capsys):
+    path = tmp_path / "a.safetensors"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        _save(path)
+    finally:
+        torch.set_num_threads(threads)
+    assert read_meta(path)["runtime"]["torch_threads"] == threads + 1
+    capsys.readouterr()
+    load_artifact(path, kind="pairs")
+    lines = _warnings(capsys.readouterr().err)
+    assert len(lines) == 1
+    assert f"torch threads {threads + 1}, this is torch threads {threads};" in lines[0]
+
+
+def test_artifact_without_runtime_record_loads_silently(tmp_path, capsys):
+    """Artifacts written before thread counts were recorded compare on versions only."""
+    from safetensors.torch import save_file
+
+    from newllm.artifacts import library_versions
+
+    path = tmp_path / "old.safetensors"
+    meta = {"kind": "pairs", "stage": "s", "params": {}, "base": None, "shapes": {},
+            "versions": library_versions(), "extra": {}}
+    save_file({"X": torch.zeros(2)}, path, metadata={"newllm": json.dumps(meta)})
+    capsys.readouterr()
+    load_artifact(path, kind="pairs")
+    assert capsys.readouterr().err == ""
