@@ -1,18 +1,34 @@
 """`newllm bench <name>`: each fast path against its naive reference, measured in one run.
 
 Every benchmark prints both results (they must agree) and, as its last line,
-`<name> speedup: <ratio>x`.
+`<name> speedup: <ratio>x`. Defaults of what a stage also has (model, data) are the
+stage's own, so the benchmark measures what the pipeline runs.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
+import torch
 
-from newllm.base import load_base
+from newllm.base import BaseParams, load_base
 from newllm.data import load_split
-from newllm.ppl import evaluate_ppl
+from newllm.params import field_specs
+from newllm.ppl import (
+    HFScorer,
+    Window,
+    build_streams,
+    evaluate_ppl,
+    window_batches,
+    window_spans,
+)
+from newllm.runtime import resolve_dtype
+from newllm.stages.eval_ppl import EvalPplParams
+
+T = TypeVar("T")
 
 
 @click.group("bench")
@@ -20,46 +36,141 @@ def bench() -> None:
     """Benchmarks: fast path vs naive reference on the same inputs, printed as ratios."""
 
 
+def _default(params_class: type, key: str) -> Any:
+    """A stage's own default (params.yaml agrees with it; tests/test_params_defaults.py)."""
+    return {spec.name: spec.default for spec in field_specs(params_class)}[key]
+
+
+def gemm_peak_gflops(shapes: set[tuple[int, int]], rows: int, dtype: torch.dtype,
+                     seconds: float = 0.3) -> float:
+    """The best GFLOP/s of [rows, k] @ [k, n] over the model's (k, n) weight shapes."""
+    best = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for k, n in sorted(shapes):
+        a = torch.randn(rows, k, generator=generator).to(dtype)
+        b = torch.randn(k, n, generator=generator).to(dtype)
+        a @ b  # warm-up
+        reps, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or reps < 2:
+            a @ b
+            reps += 1
+        best = max(best, 2 * rows * k * n * reps / elapsed / 1e9)
+    return best
+
+
+def linear_shapes(model: torch.nn.Module) -> tuple[set[tuple[int, int]], int, int]:
+    """(in, out) shapes of the model's linear layers, their weights below the LM head, and the
+    head's size; the head is `get_output_embeddings()`."""
+    head = model.get_output_embeddings()
+    body = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    shapes = {(m.in_features, m.out_features) for m in body}
+    shapes.add((head.in_features, head.out_features))
+    return shapes, sum(m.weight.numel() for m in body), head.weight.numel()
+
+
+def eval_flops(model: torch.nn.Module, batches: list[list[Window]]) -> float:
+    """Model FLOPs of scoring `batches`: the decoder's matrix multiplies on every input
+    position (padding included), the LM head on the kept positions, and causal attention."""
+    _, body_weights, head_weights = linear_shapes(model)
+    config = model.config
+    flops = 0.0
+    for batch in batches:
+        rows, length = len(batch), batch[0].length
+        keep = length - min(w.length - w.scored for w in batch)
+        flops += 2 * rows * length * body_weights + 2 * rows * keep * head_weights
+        # QK^T and AV: 2 * T^2 * d multiply-adds per layer and row, half of them causal
+        flops += 2 * rows * length**2 * config.hidden_size * config.num_hidden_layers
+    return flops
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
 @bench.command("eval-ppl")
-@click.option("--model", default="data/assets/smollm2-135m", show_default=True,
+@click.option("--model", default=_default(BaseParams, "model"), show_default=True,
               help="Base model (as base.model).")
-@click.option("--data", default="data/prepared", show_default=True, help="Prepared data folder.")
-@click.option("--max-tokens", default=2048, show_default=True, help="Document tokens to score.")
-@click.option("--context-length", default=32, show_default=True)
+@click.option("--data", default=_default(EvalPplParams, "data"), show_default=True,
+              help="Prepared data folder.")
+@click.option("--max-tokens", default=2048, show_default=True,
+              help="Document tokens for batched vs loop.")
+@click.option("--context-length", default=32, show_default=True,
+              help="Window of the batched vs loop comparison.")
 @click.option("--stride", default=16, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
+@click.option("--stage-tokens", default=6144, show_default=True,
+              help="Document tokens for the roofline and bf16 runs, which use eval-ppl's own "
+                   "settings (context, stride, batch size, documents).")
 @click.option("--device", default="auto", show_default=True)
 def bench_eval_ppl(model: str, data: str, max_tokens: int, context_length: int, stride: int,
-                   batch_size: int, device: str) -> None:
-    """Batched sliding-window PPL vs the plain per-window loop (same PPL, speed ratio).
+                   batch_size: int, stage_tokens: int, device: str) -> None:
+    """Batched sliding-window PPL vs the plain per-window loop, the achieved share of this
+    machine's GEMM peak, and bfloat16 vs float32.
 
     Batching pays where a forward pass is small enough for per-call overhead and GEMM
-    shape to matter (short windows on CPU, anything on a GPU); a 2-core CPU with long
-    windows is already FLOP-bound, so expect a ratio near 1 there.
+    shape to matter (short windows on CPU, anything on a GPU), so the first comparison uses
+    short windows. The roofline (achieved model GFLOP/s over the best float32 GEMM GFLOP/s
+    measured here at the model's weight shapes) and the bf16 ratio use the eval-ppl stage's
+    own defaults.
     """
-    from newllm.ppl import HFScorer
-
     base = load_base(model, device=device)
     scorer = HFScorer.from_base(base)
-    docs, texts = load_split(data, "val", base=base.info.tokenizer_only()).documents(max_tokens)
-    args = (scorer, docs, texts, scorer.separator_id, context_length, stride, batch_size)
+    split = load_split(data, "val", base=base.info.tokenizer_only())
+    sep = scorer.separator_id
+
+    docs, texts = split.documents(max_tokens)
+    args = (scorer, docs, texts, sep, context_length, stride, batch_size, "stream")
     evaluate_ppl(scorer, docs[:1], texts[:1], *args[3:])  # warm-up: first-call allocations
-    start = time.perf_counter()
-    fast = evaluate_ppl(*args)
-    fast_s = time.perf_counter() - start
-    start = time.perf_counter()
-    naive = evaluate_ppl(*args, naive=True)
-    naive_s = time.perf_counter() - start
-    click.echo(f"tokens {fast.tokens}, windows {fast.windows}, context {context_length}, "
-               f"stride {stride}, batch {batch_size}, device {base.device}")
+    fast, fast_s = _timed(lambda: evaluate_ppl(*args))
+    naive, naive_s = _timed(lambda: evaluate_ppl(*args, naive=True))
+
+    stage = {k: _default(EvalPplParams, k)
+             for k in ("context_length", "stride", "batch_size", "documents")}
+    docs, texts = split.documents(stage_tokens)
+    streams = build_streams(docs, sep, stage["documents"])
+    windows = [Window(i, b, e, n) for i, (ids, _) in enumerate(streams)
+               for b, e, n in window_spans(len(ids), stage["context_length"], stage["stride"])]
+    flops = eval_flops(base.model, window_batches(windows, stage["batch_size"],
+                                                  stage["context_length"], stage["stride"]))
+    stage_args = (docs, texts, sep, stage["context_length"], stage["stride"],
+                  stage["batch_size"], stage["documents"])
+    by_dtype = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = base if dtype == "float32" else load_base(model, dtype=dtype, device=device)
+        lm_scorer = HFScorer.from_base(lm)
+        evaluate_ppl(lm_scorer, docs[:2], texts[:2], *stage_args[2:])  # warm-up
+        by_dtype[dtype] = _timed(lambda s=lm_scorer: evaluate_ppl(s, *stage_args))
+    shapes, _, _ = linear_shapes(base.model)
+    rows = stage["batch_size"] * stage["context_length"]
+    peak = {dtype: gemm_peak_gflops(shapes, rows, resolve_dtype(dtype))
+            for dtype in ("float32", "bfloat16")}
+    (fp32, fp32_s), (bf16, bf16_s) = by_dtype["float32"], by_dtype["bfloat16"]
+    achieved = flops / fp32_s / 1e9
+
+    click.echo(f"batched vs loop: tokens {fast.tokens}, windows {fast.windows}, context "
+               f"{context_length}, stride {stride}, batch {batch_size}, device {base.device}")
     click.echo(f"batched: token PPL {fast.token_ppl:.6f} in {fast_s:.2f}s")
     click.echo(f"naive:   token PPL {naive.token_ppl:.6f} in {naive_s:.2f}s")
     click.echo(f"PPL difference {abs(fast.token_ppl - naive.token_ppl):.2e}")
+    click.echo(f"eval-ppl settings: tokens {fp32.tokens}, windows {fp32.windows}, context "
+               f"{stage['context_length']}, stride {stage['stride']}, batch "
+               f"{stage['batch_size']}, documents {stage['documents']}, "
+               f"{torch.get_num_threads()} threads")
+    click.echo(f"float32:  token PPL {fp32.token_ppl:.6f} in {fp32_s:.2f}s, {achieved:.0f} "
+               f"GFLOP/s; GEMM peak at the model's shapes ({rows} rows) {peak['float32']:.0f} "
+               "GFLOP/s")
+    click.echo(f"bfloat16: token PPL {bf16.token_ppl:.6f} in {bf16_s:.2f}s, "
+               f"{flops / bf16_s / 1e9:.0f} GFLOP/s; GEMM peak {peak['bfloat16']:.0f} GFLOP/s")
+    click.echo(f"eval-ppl roofline: {achieved / peak['float32']:.2f}")
+    click.echo(f"eval-ppl bf16: {fp32_s / bf16_s:.2f}x, ppl delta "
+               f"{100 * (bf16.token_ppl / fp32.token_ppl - 1):+.3f}%")
     click.echo(f"eval-ppl speedup: {naive_s / fast_s:.2f}x")
 
 
 @bench.command("extract-pairs")
-@click.option("--model", default="data/assets/smollm2-135m", show_default=True,
+@click.option("--model", default=_default(BaseParams, "model"), show_default=True,
               help="Base model (as base.model).")
 @click.option("--layer-index", default=-1, show_default=True,
               help="Hidden state to take (HF hidden_states index).")
@@ -73,22 +184,21 @@ def bench_extract_pairs(model: str, layer_index: int, num_tokens: int, batch_siz
                         exact_tokens: int, device: str) -> None:
     """Batched, early-stopped extract-pairs vs one full forward per token (same X, speed ratio).
 
-    The reference is the plain way to get the pairs: one `[BOS, token]` forward pass per
+    The reference is the plain way to get the pairs: one `[sep, token]` forward pass per
     token through the whole model and LM head with output_hidden_states, taking
     hidden_states[layer].
     """
     import copy
 
-    import torch
-
     from newllm.hidden import resolve_layer_index
-    from newllm.virtual_tokens.pairs import bos_token_id, extract_hidden, ordinary_token_ids
+    from newllm.tokens import separator_token_id
+    from newllm.virtual_tokens.pairs import extract_hidden, ordinary_token_ids
 
     base = load_base(model, device=device)
     layer = resolve_layer_index(layer_index, base.info.num_layers, "--layer-index")
     ids, _ = ordinary_token_ids(base.tokenizer, base.model.get_input_embeddings().num_embeddings,
                                 num_tokens)
-    bos = bos_token_id(base.tokenizer, base.model)
+    bos = separator_token_id(base.tokenizer)  # as extract-pairs reads each token
 
     @torch.inference_mode()
     def one_at_a_time(lm: torch.nn.Module, token_ids: torch.Tensor) -> torch.Tensor:

@@ -62,14 +62,17 @@ def test_extract_pairs_shapes_and_metadata(run_cli, tiny_model, tiny_base, tmp_p
     assert meta["kind"] == PAIRS_KIND and meta["stage"] == "extract-pairs"
     assert meta["base"]["weights_hash"] == tiny_base.info.weights_hash
     assert meta["base"]["model_id"] == tiny_base.info.model_id
-    assert meta["extra"]["layer_index"] == N_LAYERS and meta["extra"]["bos"] is True
-    assert meta["extra"]["bos_token_id"] == tokenizer.bos_token_id
+    # read after the document separator (the fixture's <|endoftext|>), not the BOS marker
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert meta["extra"]["layer_index"] == N_LAYERS
+    assert meta["extra"]["prefix_token_id"] == separator != tokenizer.bos_token_id
+    assert meta["extra"]["prefix_token"] == "<|endoftext|>"
     assert meta["extra"]["skipped_special_ids"] == special
     assert meta["params"]["extract_pairs"]["layer_index"] == -1
     embedding = tiny_base.model.get_input_embeddings().weight
     assert torch.equal(y, embedding[ids].detach())
     for row in (0, 57, 199):
-        expected = _hf_hidden(tiny_base, [tokenizer.bos_token_id, int(ids[row])], N_LAYERS)
+        expected = _hf_hidden(tiny_base, [separator, int(ids[row])], N_LAYERS)
         torch.testing.assert_close(x[row], expected, rtol=0, atol=1e-5)
     metrics = json.loads((tmp_path / "m" / f"layer{N_LAYERS}.json").read_text())
     assert metrics["pairs"] == 200 and metrics["skipped_special"] == 3
@@ -79,13 +82,13 @@ def test_extract_pairs_shapes_and_metadata(run_cli, tiny_model, tiny_base, tmp_p
 def test_bos_on_and_off(run_cli, tiny_model, tiny_base, tmp_path):
     for bos in ("true", "false"):
         for layer in ("0", "1"):
-            assert _extract(run_cli, tiny_model, tmp_path / bos, "--bos", bos,
+            assert _extract(run_cli, tiny_model, tmp_path / bos, "--after-separator", bos,
                             "--layer-index", layer).code == 0
     pairs = {(bos, layer): load_pairs(tmp_path / bos / "pairs" / f"layer{layer}" /
                                       "pairs.safetensors", tiny_base.info.as_dict())
              for bos in ("true", "false") for layer in (0, 1)}
     with_bos, without = pairs[("true", 1)], pairs[("false", 1)]
-    assert with_bos.bos and not without.bos
+    assert with_bos.prefix_id == 0 and without.prefix_id is None
     assert torch.equal(with_bos.token_ids, without.token_ids)
     assert (with_bos.x - without.x).abs().max() > 1e-2  # the BOS context changes X
     token = int(without.token_ids[5])
@@ -147,7 +150,8 @@ def test_train_converter_metrics_match_an_independent_computation(run_cli, tiny_
     assert len(pairs.token_ids) == n_ordinary
     converter, artifact = load_converter(tmp_path / "conv" / "layer2_linear" /
                                          "converter.safetensors", tiny_base.info.as_dict())
-    assert artifact.meta["extra"]["layer_index"] == 2 and artifact.meta["extra"]["bos"] is True
+    assert artifact.meta["extra"]["layer_index"] == 2
+    assert artifact.meta["extra"]["prefix_token_id"] == 0  # the tiny model's <|endoftext|>
     val_ids = artifact["val_token_ids"]
     assert len(val_ids) == round(n_ordinary * 0.25)
     rows = torch.isin(pairs.token_ids, val_ids)

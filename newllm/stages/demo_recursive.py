@@ -16,14 +16,13 @@ from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.errors import NewllmError
 from newllm.params import param
+from newllm.tokens import pad_token_id
 from newllm.virtual_tokens.converter import load_converter
-from newllm.virtual_tokens.pairs import bos_token_id
 from newllm.virtual_tokens.recovery import nearest_tokens
 from newllm.virtual_tokens.recursive import (
     POOLS,
     embed_ids,
     generate_from_rows,
-    pad_token_id,
     pool_hidden,
 )
 
@@ -53,15 +52,16 @@ def demo_recursive(base_params: BaseParams, params: DemoRecursiveParams) -> None
             raise NewllmError(f"demo_recursive.{key} is empty; give it some text.")
     base = base_params.load()
     converter, artifact = load_converter(params.converter, base.info.as_dict(), base.device)
-    layer, bos = artifact.meta["extra"]["layer_index"], artifact.meta["extra"]["bos"]
+    # The vector goes where its training pairs put the token: after their prefix token.
+    layer, prefix_id = (artifact.meta["extra"]["layer_index"],
+                        artifact.meta["extra"]["prefix_token_id"])
     model, tokenizer = base.model, base.tokenizer
-    bos_id = bos_token_id(tokenizer, model) if bos else None
     old_ids = tokenizer(params.compress_text, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(params.prompt, add_special_tokens=False)["input_ids"]
 
-    pooled = pool_hidden(model, torch.tensor(old_ids), layer, bos_id, params.pool)
+    pooled = pool_hidden(model, torch.tensor(old_ids), layer, prefix_id, params.pool)
     vector = converter(pooled.float()).to(model.dtype)
-    prefix = [bos_id] if bos_id is not None else []
+    prefix = [prefix_id] if prefix_id is not None else []
     rows = {
         "without vector": embed_ids(model, prefix + prompt_ids),
         "with vector": torch.cat([embed_ids(model, prefix), vector[None],

@@ -15,10 +15,10 @@ from newllm.cli import stage_command
 from newllm.errors import NewllmError
 from newllm.hidden import resolve_layer_index
 from newllm.params import as_dict, param
+from newllm.tokens import separator_token_id
 from newllm.virtual_tokens.pairs import (
     PAIRS_FILE,
     PAIRS_KIND,
-    bos_token_id,
     embedding_rows,
     extract_hidden,
     ordinary_token_ids,
@@ -34,7 +34,8 @@ class ExtractPairsParams:
     max_tokens: int | None = param(16384, "Take the first this many ordinary (non-special) "
                                    "vocabulary ids (null = all).", min=1)
     batch_size: int = param(256, "Tokens per forward pass.", min=1)
-    bos: bool = param(True, "Read each token after BOS ([BOS, token]) rather than alone.")
+    after_separator: bool = param(True, "Read each token at the start of a document, after "
+                                  "base.separator_token ([sep, token]), rather than alone.")
     out_dir: str = param("artifacts/pairs", "Output folder: writes "
                          "<out_dir>/layer<L>/pairs.safetensors (L = resolved layer).")
     metrics_dir: str = param("metrics/extract_pairs", "Metrics folder: writes "
@@ -54,10 +55,12 @@ def extract_pairs(base_params: BaseParams, params: ExtractPairsParams) -> None:
     if len(token_ids) == 0:
         raise NewllmError(f"base.model '{base_params.model}' has no ordinary (non-special) "
                           "vocabulary ids to extract.")
-    bos_id = bos_token_id(base.tokenizer, base.model) if params.bos else None
+    prefix_id = (separator_token_id(base.tokenizer, base_params.separator_token)
+                 if params.after_separator else None)
+    prefix = base.tokenizer.convert_ids_to_tokens(prefix_id) if prefix_id is not None else None
     weights_before = state_dict_hash(base.model)
     start = time.perf_counter()
-    x = extract_hidden(base.model, token_ids, layer, bos_id, params.batch_size, base.device)
+    x = extract_hidden(base.model, token_ids, layer, prefix_id, params.batch_size, base.device)
     seconds = time.perf_counter() - start
     y = embedding_rows(base.model, token_ids)
     if state_dict_hash(base.model) != weights_before:
@@ -68,16 +71,16 @@ def extract_pairs(base_params: BaseParams, params: ExtractPairsParams) -> None:
                       kind=PAIRS_KIND, stage="extract-pairs", params=as_dict(base_params, params),
                       base=base.info.as_dict(),
                       extra={"layer_index": layer, "num_layers": base.info.num_layers,
-                             "bos": params.bos, "bos_token_id": bos_id,
+                             "prefix_token_id": prefix_id, "prefix_token": prefix,
                              "skipped_special_ids": special})
     metrics = {
         "pairs": len(token_ids), "hidden_size": x.shape[1], "layer_index": layer,
-        "bos": params.bos, "skipped_special": len(special), "seconds": round(seconds, 2),
+        "prefix_token": prefix or "", "skipped_special": len(special), "seconds": round(seconds, 2),
         "tokens_per_s": round(len(token_ids) / seconds, 1),
         "x_norm_mean": x.norm(dim=1).mean().item(), "y_norm_mean": y.norm(dim=1).mean().item(),
         "xy_cosine_mean": F.cosine_similarity(x, y, dim=1).mean().item(),
     }
     write_metrics(Path(params.metrics_dir) / f"layer{layer}.json", metrics)
-    click.echo(f"layer {layer}: {len(token_ids)} pairs (d={x.shape[1]}, bos={params.bos}, "
+    click.echo(f"layer {layer}: {len(token_ids)} pairs (d={x.shape[1]}, read after {prefix}, "
                f"{len(special)} special ids skipped) in {seconds:.1f}s, "
                f"{len(token_ids) / seconds:.0f} tokens/s")

@@ -76,15 +76,15 @@ class Converter(nn.Module):
 
 
 def save_converter(path: str | Path, converter: Converter, *, stage: str,
-                   params: dict[str, Any], base: dict[str, Any], layer: int, bos: bool,
+                   params: dict[str, Any], base: dict[str, Any], layer: int, prefix_id: int | None,
                    tensors: dict[str, torch.Tensor] | None = None,
                    extra: dict[str, Any] | None = None) -> None:
     """Write the converter's weights (plus any extra `tensors`) and config to `path`."""
     weights = {f"converter.{k}": v for k, v in converter.state_dict().items()}
     save_artifact(path, {**weights, **(tensors or {})}, kind=CONVERTER_KIND, stage=stage,
                   params=params, base=base,
-                  extra={"config": asdict(converter.config), "layer_index": layer, "bos": bos,
-                         **(extra or {})})
+                  extra={"config": asdict(converter.config), "layer_index": layer,
+                         "prefix_token_id": prefix_id, **(extra or {})})
 
 
 def load_converter(path: str | Path, base: dict[str, Any],

@@ -1,10 +1,11 @@
 """Hidden state / token embedding pairs (seeds/002 §2).
 
-For a vocabulary id t, the base model reads `[BOS, t]` (or `[t]` without BOS);
+For a vocabulary id t, the base model reads `[sep, t]`, t at the start of a
+document after the document separator (`base.separator_token`; or `[t]` alone);
 X is the hidden state at the chosen layer at t's position and Y is t's row of
 the input embedding matrix. Special and added tokens (BOS, EOS, chat markers)
-are skipped: they are not text, and BOS followed by BOS is not a context the
-model ever sees. Their ids are recorded in the artifact's metadata.
+are skipped: they are not text, and a separator followed by a separator is not a
+context the model ever sees. Their ids are recorded in the artifact's metadata.
 
 A pairs artifact lives at `<out_dir>/layer<L>/pairs.safetensors`, L being the
 resolved (non-negative) layer, so `-1` and the last layer name the same file.
@@ -54,22 +55,12 @@ def ordinary_token_ids(tokenizer: Any, embedding_rows: int,
     return torch.tensor(ids, dtype=torch.int64), sorted(i for i in special if i < usable)
 
 
-def bos_token_id(tokenizer: Any, model: torch.nn.Module) -> int:
-    """The BOS id from the tokenizer, else from the model config; NewllmError if neither has one."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        bos = getattr(model.config, "bos_token_id", None)
-    if bos is None:
-        raise NewllmError("extract_pairs.bos is true but the base model's tokenizer and config "
-                          "define no BOS token; set extract_pairs.bos to false.")
-    return int(bos)
-
-
 @torch.inference_mode()
 def extract_hidden(model: torch.nn.Module, token_ids: torch.Tensor, layer_index: int,
-                   bos_id: int | None, batch_size: int,
+                   prefix_id: int | None, batch_size: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """X [N, d]: the hidden state at `layer_index` of each token, read after `bos_id` if given.
+    """X [N, d]: the hidden state at `layer_index` of each token, read after `prefix_id` if
+    given.
 
     Every sequence has the same length (1 or 2), so batches need no padding. X is float32
     (float64 for a float64 model, so exactness checks are not rounded away).
@@ -78,8 +69,8 @@ def extract_hidden(model: torch.nn.Module, token_ids: torch.Tensor, layer_index:
     starts = range(0, len(token_ids), batch_size)
     for start in progress(starts, desc="extract-pairs", total=len(starts), unit="batch"):
         tokens = token_ids[start:start + batch_size].to(device)[:, None]
-        if bos_id is not None:
-            tokens = torch.cat([torch.full_like(tokens, bos_id), tokens], dim=1)
+        if prefix_id is not None:
+            tokens = torch.cat([torch.full_like(tokens, prefix_id), tokens], dim=1)
         mask = torch.ones_like(tokens)
         hidden = hidden_states_at(model, tokens, mask, layer_index,
                                   key="extract_pairs.layer_index")
@@ -101,7 +92,7 @@ class Pairs:
     y: torch.Tensor  # [N, d] float32
     token_ids: torch.Tensor  # [N] int64
     layer: int  # resolved hidden-states index
-    bos: bool
+    prefix_id: int | None  # the token read before each token (None: read alone)
     artifact: Artifact
 
 
@@ -114,4 +105,4 @@ def load_pairs(path: str | Path, base: dict[str, Any]) -> Pairs:
         raise NewllmError(f"{path}: expected X and Y of the same shape [N, d] and token_ids "
                           f"[N] with N > 0, got {list(x.shape)}, {list(y.shape)}, "
                           f"{list(ids.shape)}; re-run extract-pairs.")
-    return Pairs(x, y, ids, int(extra["layer_index"]), bool(extra["bos"]), artifact)
+    return Pairs(x, y, ids, int(extra["layer_index"]), extra["prefix_token_id"], artifact)

@@ -2,15 +2,14 @@
 
 The old text's hidden states at the converter's layer are pooled (mean or last
 position) and converted to one vector in input-embedding space. It is placed
-where a token would be, right after BOS as in the training pairs, and the
-prompt follows: `[BOS, v, prompt...]` goes to the model as `inputs_embeds`.
+where a token would be, right after the separator token as in the training pairs
+(when they were read after one), and the prompt follows: `[sep, v, prompt...]`
+goes to the model as `inputs_embeds`.
 Rows of different lengths are left-padded (pad embeddings, attention mask 0,
 positions counted from each row's first real token) and generated together.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -20,19 +19,19 @@ POOLS = ("mean", "last")
 
 
 @torch.inference_mode()
-def pool_hidden(model: torch.nn.Module, text_ids: torch.Tensor, layer: int, bos_id: int | None,
-                pool: str) -> torch.Tensor:
+def pool_hidden(model: torch.nn.Module, text_ids: torch.Tensor, layer: int,
+                prefix_id: int | None, pool: str) -> torch.Tensor:
     """One vector [d]: the text's hidden states at `layer`, pooled over its own tokens.
 
-    BOS (when used) is read but left out of the pool: its hidden state is an attention
-    sink, orders of magnitude larger than a text token's, and would swamp a mean.
+    The prefix token (when used) is read but left out of the pool: its hidden state is an
+    attention sink, orders of magnitude larger than a text token's, and would swamp a mean.
     """
     device = model.get_input_embeddings().weight.device
     ids = text_ids.long().to(device)
-    if bos_id is not None:
-        ids = torch.cat([torch.tensor([bos_id], device=device), ids])
+    if prefix_id is not None:
+        ids = torch.cat([torch.tensor([prefix_id], device=device), ids])
     hidden = hidden_states_at(model, ids[None], torch.ones_like(ids)[None], layer)[0]
-    text_states = hidden[1:] if bos_id is not None else hidden
+    text_states = hidden[1:] if prefix_id is not None else hidden
     return text_states.mean(dim=0) if pool == "mean" else text_states[-1]
 
 
@@ -80,11 +79,3 @@ def generate_from_rows(model: torch.nn.Module, rows: list[torch.Tensor], pad_id:
         continuations.append(row)
     return continuations
 
-
-def pad_token_id(tokenizer: Any, model: torch.nn.Module) -> int:
-    """A pad id for batching: the tokenizer's, else EOS, else 0 (masked out either way)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id,
-                      getattr(model.config, "pad_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0
