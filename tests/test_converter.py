@@ -93,15 +93,18 @@ def test_linear_converter_learns_an_exactly_linear_map():
     torch.testing.assert_close(learned_bias, bias, rtol=1e-3, atol=1e-3)
 
 
-def test_mlp_converter_fits_too():
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_mlp_converter_fits_too(compute_dtype):
     x, y, _, _ = _linear_problem()
     g = torch.Generator().manual_seed(0)
     train, val = split_by_token(torch.arange(len(x)), 0.2, g)
     torch.manual_seed(0)
     converter = Converter(ConverterConfig("mlp", 8, 6, hidden_dim=64))
     history = fit_converter(converter, x[train], y[train], x[val], y[val], epochs=60,
-                            batch_size=32, lr=3e-3, generator=g)
+                            batch_size=32, lr=3e-3, generator=g, compute_dtype=compute_dtype)
     assert history[-1].val_loss < 1e-3 * y.var().item()
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu"
+               for p in converter.parameters())
 
 
 def test_nan_loss_is_a_clear_error():
@@ -119,11 +122,12 @@ def test_save_and_load_round_trip(tmp_path, model_type):
     x, y, _, _ = _linear_problem(n=32)
     converter.init_from_data(x, y)
     path = tmp_path / "c.safetensors"
-    save_converter(path, converter, stage="test", params={}, base=BASE, layer=2, bos=True,
+    save_converter(path, converter, stage="test", params={}, base=BASE, layer=2, prefix_id=7,
                    tensors={"val_token_ids": torch.tensor([1, 2])})
     loaded, artifact = load_converter(path, BASE)
     assert loaded.config == converter.config
-    assert artifact.meta["extra"]["layer_index"] == 2 and artifact.meta["extra"]["bos"] is True
+    assert artifact.meta["extra"]["layer_index"] == 2
+    assert artifact.meta["extra"]["prefix_token_id"] == 7
     assert not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), converter(x), rtol=0, atol=0)

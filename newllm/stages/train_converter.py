@@ -14,12 +14,13 @@ from pathlib import Path
 import click
 import torch
 
-from newllm.artifacts import atomic_dir, write_csv, write_metrics
+from newllm.artifacts import atomic_dir, write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.hidden import resolve_layer_index
 from newllm.params import as_dict, param
 from newllm.runtime import seed_everything
+from newllm.train import COMPUTE_DTYPES, is_main_process, write_history_csv
 from newllm.virtual_tokens.converter import (
     CONVERTER_FILE,
     MODEL_TYPES,
@@ -47,6 +48,9 @@ class TrainConverterParams:
     lr: float = param(1e-3, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
     val_fraction: float = param(0.2, "Share of token ids held out for evaluation.", min=0.01,
                                 max=0.9)
+    compute_dtype: str = param("float32", "Training precision: bfloat16 runs the forward and "
+                               "backward under autocast (weights stay float32).",
+                               choices=COMPUTE_DTYPES)
     seed: int = param(0, "Seed of the split, the initialization and the batch order.", min=0)
     topk: int = param(5, "k of the top-k token recovery.", min=1)
     out_dir: str = param("artifacts/converters", "Output folder: writes "
@@ -75,7 +79,10 @@ def train_converter(base_params: BaseParams, params: TrainConverterParams) -> No
                                           params.hidden_dim))
     history = fit_converter(converter, x[train_rows], y[train_rows], x[val_rows], y[val_rows],
                             epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-                            generator=generator)
+                            generator=generator, compute_dtype=params.compute_dtype,
+                            device=base.device)
+    if not is_main_process():  # under `accelerate launch` one process writes the outputs
+        return
 
     embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
     with torch.no_grad():
@@ -89,16 +96,16 @@ def train_converter(base_params: BaseParams, params: TrainConverterParams) -> No
     with atomic_dir(converter_dir(params.out_dir, layer, params.model_type)) as out:
         save_converter(out / CONVERTER_FILE, converter, stage="train-converter",
                        params=as_dict(base_params, params), base=base.info.as_dict(),
-                       layer=layer, bos=pairs.bos,
+                       layer=layer, prefix_id=pairs.prefix_id,
                        tensors={"val_token_ids": ids[val_rows]},
                        extra={"pairs": str(pairs.artifact.path), "val_metrics": held_out})
-    write_csv(Path(params.plots_dir) / f"{name}.csv", ["epoch", "train_loss", "val_loss"],
-              [[e.epoch, f"{e.train_loss:.8g}", f"{e.val_loss:.8g}"] for e in history])
+    write_history_csv(Path(params.plots_dir) / f"{name}.csv", history)
     metrics = {
-        "layer_index": layer, "model_type": params.model_type, "bos": pairs.bos,
+        "layer_index": layer, "model_type": params.model_type,
+        "prefix_token_id": -1 if pairs.prefix_id is None else pairs.prefix_id,
         "train_tokens": len(train_rows), "val_tokens": len(val_rows), "topk": params.topk,
-        "epochs": params.epochs, "final_train_loss": history[-1].train_loss,
-        "final_val_loss": history[-1].val_loss,
+        "epochs": params.epochs, "compute_dtype": params.compute_dtype,
+        "final_train_loss": history[-1].train_loss, "final_val_loss": history[-1].val_loss,
         **{f"val_{k}": v for k, v in held_out.items()},
         **{f"identity_{k}": v for k, v in identity.items()},
         **{f"train_{k}": v for k, v in train_fit.items() if k.startswith("top")},

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from newllm.errors import NewllmError
-from newllm.runtime import progress
+from newllm.train import Epoch, TrainConfig, Trainer
 from newllm.virtual_tokens.converter import Converter
-
-
-@dataclass(frozen=True)
-class EpochLoss:
-    epoch: int
-    train_loss: float  # mean MSE over the epoch's training batches
-    val_loss: float  # MSE on the held-out pairs after the epoch
 
 
 def split_by_token(token_ids: torch.Tensor, val_fraction: float,
@@ -42,32 +32,21 @@ def mse(converter: Converter, x: torch.Tensor, y: torch.Tensor, batch_size: int 
 
 def fit_converter(converter: Converter, x_train: torch.Tensor, y_train: torch.Tensor,
                   x_val: torch.Tensor, y_val: torch.Tensor, *, epochs: int, batch_size: int,
-                  lr: float, generator: torch.Generator) -> list[EpochLoss]:
+                  lr: float, generator: torch.Generator, compute_dtype: str = "float32",
+                  device: str | torch.device = "cpu") -> list[Epoch]:
     """Adam on the MSE between converter(x) and y; returns the per-epoch train/val loss.
 
     The learning rate decays to 0 on a cosine over all steps, so the last epoch settles
-    instead of hovering at the noise level of a constant-rate Adam.
+    instead of hovering at the noise level of a constant-rate Adam. The converter comes
+    back on the CPU, in float32.
     """
     converter.init_from_data(x_train, y_train)
-    optimizer = torch.optim.Adam(converter.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(x_train) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    history = []
-    for epoch in progress(range(1, epochs + 1), desc="train-converter", unit="epoch"):
-        converter.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        summed = 0.0
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            loss = F.mse_loss(converter(x_train[rows]), y_train[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            summed += loss.item() * len(rows)
-        converter.eval()
-        history.append(EpochLoss(epoch, summed / len(order), mse(converter, x_val, y_val)))
-        if not math.isfinite(history[-1].train_loss):
-            raise NewllmError(f"the converter's training loss became {history[-1].train_loss} "
-                              f"at epoch {epoch}; lower train_converter.lr ({lr}).")
+    trainer = Trainer(TrainConfig("train_converter", epochs=epochs, batch_size=batch_size,
+                                  lr=lr, compute_dtype=compute_dtype, device=device))
+    x, y = x_train.to(trainer.device), y_train.to(trainer.device)
+    x_val, y_val = x_val.to(trainer.device), y_val.to(trainer.device)
+    history = trainer.fit(converter, lambda model, rows: F.mse_loss(model(x[rows]), y[rows]),
+                          len(x), generator, evaluate=lambda model: mse(model, x_val, y_val),
+                          desc="train-converter")
+    converter.cpu()
     return history
