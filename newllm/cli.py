@@ -9,6 +9,7 @@ print as one line and exit with status 2, never with a traceback.
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,15 +21,35 @@ from click.core import ParameterSource
 from newllm.errors import NewllmError
 from newllm.params import build_params, field_specs, group_name, read_params_file
 
-STAGE_MODULES = (
-    "newllm.stages.fetch_assets",
-    "newllm.stages.prepare_data",
-    "newllm.stages.eval_ppl",
-    "newllm.stages.extract_pairs",
-    "newllm.stages.train_converter",
-    "newllm.stages.converter_report",
-    "newllm.stages.demo_recursive",
-)
+# Each command's module, imported only when that command runs (a stage's module registers
+# itself through `stage_command`; `module:attribute` names a click command to add), so
+# `newllm report` does not pay for importing torch and transformers.
+COMMANDS = {
+    "fetch-assets": "newllm.stages.fetch_assets",
+    "prepare-data": "newllm.stages.prepare_data",
+    "eval-ppl": "newllm.stages.eval_ppl",
+    "extract-pairs": "newllm.stages.extract_pairs",
+    "train-converter": "newllm.stages.train_converter",
+    "converter-report": "newllm.stages.converter_report",
+    "demo-recursive": "newllm.stages.demo_recursive",
+    "bench": "newllm.bench:bench",
+    "report": "newllm.report:report",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module when the command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            module, _, attribute = COMMANDS[name].partition(":")
+            loaded = importlib.import_module(module)
+            if attribute:
+                self.add_command(getattr(loaded, attribute), name)
+        return self.commands.get(name)
 
 
 class ListOfInts(click.ParamType):
@@ -135,7 +156,8 @@ def stage_command(name: str, *param_classes: type, help: str) -> Callable:
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="params.yaml to take stage defaults from.")
 @click.version_option(package_name="newllm")
@@ -153,17 +175,13 @@ def cli(ctx: click.Context, params_file: str) -> None:
 
 
 def _register() -> None:
-    import importlib
-
-    for module in STAGE_MODULES:
-        importlib.import_module(module)
-    cli.add_command(importlib.import_module("newllm.bench").bench)
-    cli.add_command(importlib.import_module("newllm.report").report)
+    """Import every command (tests and tools that inspect them all)."""
+    for name in COMMANDS:
+        cli.get_command(click.Context(cli), name)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 2, no traceback for bad input."""
-    _register()
     try:
         cli.main(args=argv, prog_name="newllm", standalone_mode=False)
     except NewllmError as exc:
