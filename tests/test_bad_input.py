@@ -289,13 +289,9 @@ CASES = [
     Case("demo-empty-compress-text", (*DEMO, "--compress-text", "  "), None,
          ("demo_recursive.compress_text is empty",)),
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
-    # Today artifacts.atomic_dir's mkdir raises FileExistsError (a traceback), as does any
-    # stage whose output folder's parent is a file: to fix in newllm/artifacts.py.
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),
-         write("assets", "a file"), ("assets",),
-         marks=(pytest.mark.xfail(strict=True, reason="atomic_dir/atomic_path: an output whose "
-                                  "parent is a file is a FileExistsError traceback"),)),
+         write("assets", "a file"), ("cannot write assets/", "is a file, expected a folder")),
 ]
 
 
