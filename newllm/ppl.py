@@ -49,7 +49,16 @@ class Scorer(Protocol):
         ...
 
 
+def nll_from_logits(scorer: Scorer, input_ids: torch.Tensor, keep: int,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of `labels` [B, keep] (-100 = not scored) from the scorer's logits."""
+    logits = _upcast(scorer.logits(input_ids, keep))  # [B, keep, V]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                           labels.reshape(-1).to(logits.device), reduction="sum")
+
+
 MODEL_KINDS: dict[str, Callable[..., Scorer]] = {}
+HEAD_CHUNK = 512  # scored positions per LM-head call: 512 x 49k float32 logits is 100 MB
 
 
 def register_model_kind(name: str) -> Callable:
@@ -82,6 +91,32 @@ class HFScorer:
 
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         return self.model(input_ids=input_ids, logits_to_keep=keep, use_cache=False).logits
+
+    def summed_nll(self, input_ids: torch.Tensor, keep: int,
+                   labels: torch.Tensor) -> torch.Tensor:
+        """The NLL of `labels` [B, keep], with the LM head applied only at scored positions
+        and a few hundred of them at a time: a batch's full float32 logits (rows x keep x
+        vocabulary, gigabytes at long contexts) are never held, and the head skips padding
+        and separators. Models whose logits are more than a plain head of the last hidden
+        state (soft-capped, scaled) take the plain path."""
+        config = self.model.config
+        head = self.model.get_output_embeddings()
+        plain = (isinstance(head, torch.nn.Linear)
+                 and getattr(config, "final_logit_softcapping", None) is None
+                 and getattr(config, "logit_scale", None) is None
+                 and getattr(config, "logits_scaling", None) is None)
+        if not plain:
+            return nll_from_logits(self, input_ids, keep, labels)
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, -keep:]
+        scored = labels != -100
+        hidden, targets = hidden[scored.to(hidden.device)], labels[scored].to(hidden.device)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start in range(0, len(targets), HEAD_CHUNK):
+            logits = _upcast(head(hidden[start:start + HEAD_CHUNK]))
+            total += F.cross_entropy(logits, targets[start:start + HEAD_CHUNK],
+                                     reduction="sum").double()
+        return total
 
 
 @register_model_kind("hf")
@@ -235,9 +270,9 @@ def sliding_window_nll(scorer: Scorer, streams: list[tuple[torch.Tensor, torch.T
             targets = slice(w.end + 1 - w.scored, w.end + 1)
             first = keep - (length - w.length) - w.scored  # column of the row's first target
             labels[row, first:first + w.scored] = torch.where(mask[targets], ids[targets], -100)
-        logits = _upcast(scorer.logits(inputs.to(scorer.device), keep))  # [B, keep, V]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                               labels.reshape(-1).to(logits.device), reduction="sum")
+        summed_nll = getattr(scorer, "summed_nll", None)  # a kind's own fast path, if any
+        loss = (summed_nll(inputs.to(scorer.device), keep, labels) if summed_nll is not None
+                else nll_from_logits(scorer, inputs.to(scorer.device), keep, labels))
         _check_finite(loss)
         nll += loss.double().cpu()
         scored += int((labels != -100).sum())

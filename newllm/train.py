@@ -19,7 +19,6 @@ comes back, and `evaluate`, are plain float32.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 
 from newllm.artifacts import write_csv
 from newllm.errors import NewllmError
-from newllm.runtime import progress, resolve_device
+from newllm.runtime import progress, resolve_device, warn_if_slow_bfloat16
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
@@ -84,12 +83,9 @@ def make_accelerator(compute_dtype: str, device: str | torch.device) -> Accelera
     # the process group of a multi-process `accelerate launch` is kept.
     launched = PartialState._shared_state.get("num_processes", 1) > 1
     AcceleratorState._reset_state(reset_partial_state=not launched)
-    cpu = device.type == "cpu"
-    if cpu and compute_dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        # without AVX-512 BF16 / AMX, bf16 matrix products fall back to a slow path
-        print("warning: this CPU has no native bfloat16 matrix products; bfloat16 training "
-              "will be slower than float32", file=sys.stderr)
-    return Accelerator(mixed_precision=MIXED_PRECISION[compute_dtype], cpu=cpu)
+    if compute_dtype == "bfloat16":
+        warn_if_slow_bfloat16(device, "training")
+    return Accelerator(mixed_precision=MIXED_PRECISION[compute_dtype], cpu=device.type == "cpu")
 
 
 def is_main_process() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ SENTENCES = [
     "Rain forests are home to more than half of the species on land.",
     "She wrote a novel about a family that lived beside a lighthouse.",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests keep their weight-hash cache to themselves, not the user's ~/.cache/newllm."""
+    folder = tmp_path_factory.mktemp("newllm-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEWLLM_CACHE_DIR", str(folder))
+        yield folder
 
 
 def make_corpus_texts(n_docs: int = 40, seed: int = 0) -> dict[str, dict[str, str]]:

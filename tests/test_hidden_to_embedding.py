@@ -15,7 +15,7 @@ from newllm.artifacts import load_artifact
 from newllm.base import load_base
 from newllm.virtual_tokens.converter import Converter, ConverterConfig, load_converter
 from newllm.virtual_tokens.pairs import PAIRS_KIND, load_pairs
-from newllm.virtual_tokens.recursive import embed_ids, next_token_logits, pool_hidden
+from newllm.virtual_tokens.recursive import embed_ids, left_pad, pool_hidden
 
 N_LAYERS = 2  # the tiny Llama
 
@@ -23,6 +23,15 @@ N_LAYERS = 2  # the tiny Llama
 @pytest.fixture(scope="module")
 def tiny_base(tiny_model):
     return load_base(str(tiny_model), device="cpu")
+
+
+@torch.inference_mode()
+def next_token_logits(model, rows, pad_id):
+    """Next-token logits [B, V] after each row of input embeddings, as one left-padded batch
+    (the padding generate_from_rows uses)."""
+    embeds, mask, positions = left_pad(rows, embed_ids(model, [pad_id])[0])
+    return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                 logits_to_keep=1).logits[:, -1].float()
 
 
 def _extract(run_cli, model: Path, cwd: Path, *extra: str):

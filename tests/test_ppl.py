@@ -239,3 +239,19 @@ def test_separator_prefers_the_document_boundary_over_chat_markers():
         separator_token_id(chat, "<eos>")
     with pytest.raises(NewllmError, match="no document-boundary, BOS or EOS"):
         separator_token_id(FakeTokenizer({"a": 0}))
+
+
+def test_hf_fast_path_equals_the_plain_logits_path(tiny):
+    from newllm.ppl import nll_from_logits
+
+    _, scorer, _, _ = tiny
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(3, 300, (3, 20), generator=generator)
+    labels = torch.randint(3, 300, (3, 12), generator=generator)
+    labels[0, :5] = -100  # unscored context and padding
+    labels[2, 9:] = -100
+    fast = scorer.summed_nll(inputs, 12, labels)
+    assert fast.item() == pytest.approx(nll_from_logits(scorer, inputs, 12, labels).item(),
+                                        abs=1e-9)
+    labels[1, 3] = (labels[1, 3] + 1) % 300  # and it does depend on every scored label
+    assert scorer.summed_nll(inputs, 12, labels).item() != pytest.approx(fast.item(), abs=1e-9)

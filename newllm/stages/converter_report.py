@@ -22,6 +22,7 @@ from newllm.artifacts import write_csv, write_metrics
 from newllm.cli import stage_command
 from newllm.errors import NewllmError
 from newllm.params import param
+from newllm.virtual_tokens import run_name
 
 STATS = ("mse", "cosine", "top1")
 
@@ -93,7 +94,7 @@ def read_converter_metrics(folder: Path, layers: list[int], model_types: list[st
     if not folder.is_dir():
         raise NewllmError(f"converter_report.converters '{folder}' is not a folder; run "
                           "train-converter first.")
-    return {layer: {t: _read_metrics_file(folder / f"layer{layer}_{t}.json", layer, t)
+    return {layer: {t: _read_metrics_file(folder / f"{run_name(layer, t)}.json", layer, t)
                     for t in model_types}
             for layer in sorted(layers)}
 
@@ -129,7 +130,7 @@ def layer_rows(found: dict[int, dict[str, dict[str, Any]]]
 def converter_report(params: ConverterReportParams) -> None:
     found = read_converter_metrics(Path(params.converters), params.layers, params.type_list())
     variants, stats, table = layer_rows(found)
-    metrics = {f"layer{layer}_{variant}_{stat}": row[variant][stat]
+    metrics = {f"{run_name(layer, variant)}_{stat}": row[variant][stat]
                for layer, row in table.items() for variant in row for stat in stats}
     header = ["layer"] + [f"{v}_{s}" for s in stats for v in variants]
     rows = [[layer] + [f"{row[v][s]:.6g}" if v in row else "" for s in stats for v in variants]

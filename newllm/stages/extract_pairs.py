@@ -16,6 +16,7 @@ from newllm.errors import NewllmError
 from newllm.hidden import resolve_layer_index
 from newllm.params import as_dict, param
 from newllm.tokens import separator_token_id
+from newllm.virtual_tokens import run_name
 from newllm.virtual_tokens.pairs import (
     PAIRS_FILE,
     PAIRS_KIND,
@@ -80,7 +81,7 @@ def extract_pairs(base_params: BaseParams, params: ExtractPairsParams) -> None:
         "x_norm_mean": x.norm(dim=1).mean().item(), "y_norm_mean": y.norm(dim=1).mean().item(),
         "xy_cosine_mean": F.cosine_similarity(x, y, dim=1).mean().item(),
     }
-    write_metrics(Path(params.metrics_dir) / f"layer{layer}.json", metrics)
+    write_metrics(Path(params.metrics_dir) / f"{run_name(layer)}.json", metrics)
     click.echo(f"layer {layer}: {len(token_ids)} pairs (d={x.shape[1]}, read after {prefix}, "
                f"{len(special)} special ids skipped) in {seconds:.1f}s, "
                f"{len(token_ids) / seconds:.0f} tokens/s")

@@ -21,6 +21,7 @@ from newllm.hidden import resolve_layer_index
 from newllm.params import as_dict, param
 from newllm.runtime import seed_everything
 from newllm.train import COMPUTE_DTYPES, is_main_process, write_history_csv
+from newllm.virtual_tokens import run_name
 from newllm.virtual_tokens.converter import (
     CONVERTER_FILE,
     MODEL_TYPES,
@@ -92,7 +93,7 @@ def train_converter(base_params: BaseParams, params: TrainConverterParams) -> No
     identity = mapping_metrics(x[val_rows], y[val_rows], ids[val_rows], embeddings, params.topk)
     train_fit = mapping_metrics(fitted, y[train_rows], ids[train_rows], embeddings, params.topk)
 
-    name = f"layer{layer}_{params.model_type}"
+    name = run_name(layer, params.model_type)
     with atomic_dir(converter_dir(params.out_dir, layer, params.model_type)) as out:
         save_converter(out / CONVERTER_FILE, converter, stage="train-converter",
                        params=as_dict(base_params, params), base=base.info.as_dict(),

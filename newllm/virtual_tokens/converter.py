@@ -23,6 +23,7 @@ from torch import nn
 
 from newllm.artifacts import Artifact, load_artifact, save_artifact
 from newllm.errors import NewllmError
+from newllm.virtual_tokens import run_name
 
 CONVERTER_KIND = "hidden-to-embedding-converter"
 CONVERTER_FILE = "converter.safetensors"
@@ -31,7 +32,7 @@ MODEL_TYPES = ("linear", "mlp")
 
 def converter_dir(out_dir: str | Path, layer: int, model_type: str) -> Path:
     """The folder holding the converter of hidden-state index `layer` and `model_type`."""
-    return Path(out_dir) / f"layer{layer}_{model_type}"
+    return Path(out_dir) / run_name(layer, model_type)
 
 
 @dataclass(frozen=True)

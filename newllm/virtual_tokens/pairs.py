@@ -23,6 +23,7 @@ from newllm.artifacts import Artifact, load_artifact
 from newllm.errors import NewllmError
 from newllm.hidden import hidden_states_at
 from newllm.runtime import progress
+from newllm.virtual_tokens import run_name
 
 PAIRS_KIND = "hidden-embedding-pairs"
 PAIRS_FILE = "pairs.safetensors"
@@ -30,7 +31,7 @@ PAIRS_FILE = "pairs.safetensors"
 
 def pairs_dir(out_dir: str | Path, layer: int) -> Path:
     """The folder holding the pairs of hidden-state index `layer` (non-negative)."""
-    return Path(out_dir) / f"layer{layer}"
+    return Path(out_dir) / run_name(layer)
 
 
 def special_token_ids(tokenizer: Any) -> list[int]:

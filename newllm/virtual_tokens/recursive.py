@@ -55,15 +55,6 @@ def left_pad(rows: list[torch.Tensor], pad_vector: torch.Tensor
 
 
 @torch.inference_mode()
-def next_token_logits(model: torch.nn.Module, rows: list[torch.Tensor],
-                      pad_id: int) -> torch.Tensor:
-    """Next-token logits [B, V] after each row of input embeddings (padded batch)."""
-    embeds, mask, positions = left_pad(rows, embed_ids(model, [pad_id])[0])
-    return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                 logits_to_keep=1).logits[:, -1].float()
-
-
-@torch.inference_mode()
 def generate_from_rows(model: torch.nn.Module, rows: list[torch.Tensor], pad_id: int,
                        eos_id: int | None, max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of each row of input embeddings, generated as one padded batch."""
