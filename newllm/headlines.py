@@ -18,14 +18,12 @@ class Figure:
     """One headline figure: a metrics key, its label and how to print it.
 
     `fmt` is a `format()` spec: `.3f` for a float, `,d` for an integer, `` for any
-    value as text. An `optional` figure is shown only where the metrics file has it
-    (keys a newer run adds); a missing required one means the metrics are stale.
+    value as text. A figure missing from the metrics file means the metrics are stale.
     """
 
     key: str
     label: str
     fmt: str = ""
-    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,14 +50,15 @@ HEADLINES: tuple[Headline, ...] = (
             Figure("tokens", "tokens scored", ",d"),
             Figure("context_length", "context length", "d"),
             Figure("stride", "stride", "d"),
-            Figure("documents_mode", "documents", optional=True),
-            Figure("separator_token", "separator token", optional=True),
+            Figure("documents_mode", "documents"),
+            Figure("separator_token", "separator token"),
             Figure("token_ppl", "token PPL", ".3f"),
             Figure("word_ppl", "word PPL", ".3f"),
             Figure("bits_per_byte", "bits per byte", ".4f"),
         ),
         note="Sliding-window perplexity on the split: every token scored once; windows "
-             "after the first score only their last `stride` tokens.",
+             "after the first score only their last `stride` tokens; `separate` scores each "
+             "document on its own after the separator, as lm-evaluation-harness does.",
     ),
     Headline(
         name="converter",

@@ -242,7 +242,7 @@ class Section:
 
     headline: Headline
     path: str
-    columns: tuple[Figure, ...]  # the figures present (optional ones may be absent)
+    columns: tuple[Figure, ...]
     rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, {key: value})
 
 
@@ -290,7 +290,7 @@ def read_section(pipeline: Pipeline, headline: Headline, root: Path = Path("."))
                   key=lambda rk: (0, int(rk[0]), "") if rk[0].isdigit() else (1, 0, rk[0]))
     present = {k for _, kv in rows for k in kv}
     for figure in headline.figures:
-        if figure.key not in present and not figure.optional:
+        if figure.key not in present:
             raise NewllmError(f"{path} has no '{figure.key}' ({headline.title}); it is stale, "
                               f"{hint}.")
         for _, kv in rows:

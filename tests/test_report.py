@@ -41,10 +41,10 @@ def row_key(pattern: str, row: str) -> str:
     return prefix
 
 
-def synthetic_metrics(headline: Headline, rng: random.Random, optional: bool = True
+def synthetic_metrics(headline: Headline, rng: random.Random
                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(metrics file content, {row: {key: value}}); row '' for a label/value section."""
-    figures = [f for f in headline.figures if optional or not f.optional]
+    figures = headline.figures
     if headline.rows is None:
         values = {f.key: value_for(f, rng) for f in figures}
         return {**values, "unrelated_key": rng.random()}, {"": values}
@@ -54,8 +54,7 @@ def synthetic_metrics(headline: Headline, rng: random.Random, optional: bool = T
     return content, rows
 
 
-def make_project(root: Path, rng: random.Random, optional: bool = True
-                 ) -> dict[str, dict[str, dict[str, Any]]]:
+def make_project(root: Path, rng: random.Random) -> dict[str, dict[str, dict[str, Any]]]:
     """dvc.yaml, params.yaml, metrics and plot data; returns {headline name: rows}."""
     stages: dict[str, Any] = {}
     params: dict[str, Any] = {"paths": {}, "runs": ["a", "b", "c"]}
@@ -65,7 +64,7 @@ def make_project(root: Path, rng: random.Random, optional: bool = True
         params["paths"][headline.name] = path
         stages[headline.stage] = {"cmd": "true",
                                   "metrics": [{f"${{paths.{headline.name}}}": {"cache": False}}]}
-        content, expected[headline.name] = synthetic_metrics(headline, rng, optional)
+        content, expected[headline.name] = synthetic_metrics(headline, rng)
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(content))
     stages["test-runs"] = {"matrix": {"run": "${runs}"}, "cmd": "true",
@@ -180,7 +179,7 @@ def test_an_earlier_report_survives_a_failed_one(tmp_path, run_cli):
 def test_stale_metrics_without_a_headline_key(tmp_path, run_cli):
     make_project(tmp_path, random.Random())
     headline = HEADLINES[0]
-    figure = next(f for f in headline.figures if not f.optional)
+    figure = headline.figures[0]
     path = tmp_path / "metrics" / f"{headline.name}.json"
     metrics = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith(figure.key)}
     path.write_text(json.dumps(metrics))
@@ -198,19 +197,6 @@ def test_a_figure_that_is_not_a_number(tmp_path, run_cli):
     assert_one_line_error(run_cli("report", cwd=tmp_path), f"'{figure.key}' is 'n/a'",
                           "expected a number")
     assert not (tmp_path / "report").exists()
-
-
-def test_optional_figures_show_only_when_present(tmp_path, run_cli):
-    with_optional = [h for h in HEADLINES if any(f.optional for f in h.figures)]
-    if not with_optional:
-        pytest.skip("no headline declares an optional figure")
-    expected = make_project(tmp_path, random.Random(), optional=False)
-    result = run_cli("report", cwd=tmp_path)
-    assert result.code == 0, result.err
-    assert_printed(result.out, expected)
-    for headline in with_optional:
-        for figure in (f for f in headline.figures if f.optional):
-            assert f"  {figure.label}  " not in result.out
 
 
 def test_json_carries_the_printed_figures(tmp_path, run_cli):
