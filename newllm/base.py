@@ -190,7 +190,7 @@ def cached_hash_files(files: list[Path]) -> str:
     # forget models that are gone, so the file stays small
     cache = {k: v for k, v in cache.items() if all(Path(p).exists() for p in k.split("\n"))}
     cache[key] = {"files": stamps, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+    with contextlib.suppress(OSError, NewllmError):  # an unwritable cache costs a re-hash
         write_json(cache_file, cache)
     return digest
 

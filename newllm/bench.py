@@ -205,21 +205,21 @@ def bench_extract_pairs(model: str, layer_index: int, num_tokens: int, batch_siz
     layer = resolve_layer_index(layer_index, base.info.num_layers, "--layer-index")
     ids, _ = ordinary_token_ids(base.tokenizer, base.model.get_input_embeddings().num_embeddings,
                                 num_tokens)
-    bos = separator_token_id(base.tokenizer)  # as extract-pairs reads each token
+    prefix_id = separator_token_id(base.tokenizer)  # as extract-pairs reads each token
 
     @torch.inference_mode()
     def one_at_a_time(lm: torch.nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
         rows = []
         for token in token_ids.tolist():
-            inputs = torch.tensor([[bos, token]], device=base.device)
+            inputs = torch.tensor([[prefix_id, token]], device=base.device)
             rows.append(lm(input_ids=inputs, output_hidden_states=True,
                            use_cache=False).hidden_states[layer][0, -1].cpu())
         return torch.stack(rows)
 
-    extract_hidden(base.model, ids[:8], layer, bos, batch_size, base.device)  # warm-up
+    extract_hidden(base.model, ids[:8], layer, prefix_id, batch_size, base.device)  # warm-up
     one_at_a_time(base.model, ids[:2])
     start = time.perf_counter()
-    fast = extract_hidden(base.model, ids, layer, bos, batch_size, base.device)
+    fast = extract_hidden(base.model, ids, layer, prefix_id, batch_size, base.device)
     fast_s = time.perf_counter() - start
     start = time.perf_counter()
     naive = one_at_a_time(base.model, ids).float()
@@ -229,8 +229,8 @@ def bench_extract_pairs(model: str, layer_index: int, num_tokens: int, batch_siz
 
     exact = copy.deepcopy(base.model).double()
     exact_ids = ids[:exact_tokens]
-    exact_diff = (extract_hidden(exact, exact_ids, layer, bos, batch_size, base.device).double()
-                  - one_at_a_time(exact, exact_ids)).abs().max().item()
+    exact_fast = extract_hidden(exact, exact_ids, layer, prefix_id, batch_size, base.device)
+    exact_diff = (exact_fast.double() - one_at_a_time(exact, exact_ids)).abs().max().item()
 
     click.echo(f"tokens {len(ids)}, layer {layer} of {base.info.num_layers}, batch {batch_size}, "
                f"device {base.device}, dtype {base.model.dtype}")

@@ -129,8 +129,9 @@ def stage_command(name: str, *param_classes: type, help: str) -> Callable:
         @click.pass_context
         @functools.wraps(fn)
         def command(ctx: click.Context, **options: Any) -> None:
-            params_file = Path(ctx.obj["params_file"])
-            if ctx.obj["params_explicit"] and not params_file.is_file():
+            group_options = ctx.obj or {"params_file": "params.yaml", "params_explicit": False}
+            params_file = Path(group_options["params_file"])
+            if group_options["params_explicit"] and not params_file.is_file():
                 # A named params file that is not there must not fall back to the defaults.
                 raise NewllmError(f"--params {params_file}: no such file; expected a params "
                                   "YAML file.")

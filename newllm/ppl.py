@@ -36,7 +36,10 @@ from newllm.tokens import separator_token_id
 
 
 class Scorer(Protocol):
-    """What eval-ppl needs of a model: logits for the last `keep` positions of each row."""
+    """What eval-ppl needs of a model: logits for the last `keep` positions of each row.
+
+    A kind may also define `summed_nll(input_ids, keep, labels)`, a faster way to the sum
+    `nll_from_logits` computes; eval-ppl uses it when present."""
 
     device: torch.device
     info: BaseInfo  # the base whose tokenizer the model reads
@@ -58,6 +61,8 @@ def nll_from_logits(scorer: Scorer, input_ids: torch.Tensor, keep: int,
 
 
 MODEL_KINDS: dict[str, Callable[..., Scorer]] = {}
+# Architectures whose logits are exactly lm_head(decoder(x).last_hidden_state).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 HEAD_CHUNK = 512  # scored positions per LM-head call: 512 x 49k float32 logits is 100 MB
 
 
@@ -97,17 +102,14 @@ class HFScorer:
         """The NLL of `labels` [B, keep], with the LM head applied only at scored positions
         and a few hundred of them at a time: a batch's full float32 logits (rows x keep x
         vocabulary, gigabytes at long contexts) are never held, and the head skips padding
-        and separators. Models whose logits are more than a plain head of the last hidden
-        state (soft-capped, scaled) take the plain path."""
-        config = self.model.config
+        and separators. Only architectures whose logits are known to be a plain linear head
+        of the decoder's last hidden state take this path; others (soft-capped or scaled
+        logits) go through `logits()`."""
         head = self.model.get_output_embeddings()
-        plain = (isinstance(head, torch.nn.Linear)
-                 and getattr(config, "final_logit_softcapping", None) is None
-                 and getattr(config, "logit_scale", None) is None
-                 and getattr(config, "logits_scaling", None) is None)
-        if not plain:
-            return nll_from_logits(self, input_ids, keep, labels)
         decoder = self.model.get_decoder()
+        if (self.model.config.model_type not in PLAIN_HEAD_MODEL_TYPES
+                or not isinstance(head, torch.nn.Linear) or decoder is self.model):
+            return nll_from_logits(self, input_ids, keep, labels)
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, -keep:]
         scored = labels != -100
         hidden, targets = hidden[scored.to(hidden.device)], labels[scored].to(hidden.device)
@@ -251,7 +253,7 @@ def sliding_window_nll(scorer: Scorer, streams: list[tuple[torch.Tensor, torch.T
     Returns (nll, scored tokens, windows). Rows of a batch are right-padded: under causal
     attention padding after a row's last token cannot change that row's logits.
     """
-    check_window(context_length, stride, getattr(scorer, "max_length", None))
+    check_window(context_length, stride, scorer.max_length)
     windows = [Window(i, b, e, n) for i, (ids, _) in enumerate(streams)
                for b, e, n in window_spans(len(ids), context_length, stride)]
     if not windows:
@@ -307,6 +309,9 @@ def evaluate_ppl(scorer: Scorer, docs: list[torch.Tensor], texts: list[str], sep
     """Token PPL, word PPL and bits per byte of whole documents `docs` (with raw `texts`)."""
     streams = build_streams(docs, separator_id, documents)
     if naive:
+        check_window(context_length, stride, scorer.max_length)
+        if not any(len(ids) > 1 for ids, _ in streams):
+            raise NewllmError("the evaluated text has fewer than 2 tokens; nothing to score.")
         nll, tokens, windows = 0.0, 0, 0
         for stream, mask in streams:
             one = naive_sliding_window_nll(scorer, stream, mask, context_length, stride)

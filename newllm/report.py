@@ -445,7 +445,6 @@ def plot_png(spec: PlotSpec, lines: list[tuple[str, str, list[Any], list[Any]]])
         figure = MplFigure(figsize=(7.5, 4.5), dpi=100)
         axes = figure.subplots()
         for path, column, xs, ys in lines:
-            # One colour per file, one line style per column: a folder of runs stays readable.
             # One file: a colour per column. Several (a folder of runs): a colour per file
             # and a line style per column, so the runs stay readable.
             many = len(files) > 1

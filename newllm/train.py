@@ -108,6 +108,12 @@ class Trainer:
         """True on the one process that should write outputs."""
         return self.accelerator.is_main_process
 
+    def _non_finite(self, loss: float, epoch: int) -> None:
+        c = self.config
+        hint = f" or set {c.key}.compute_dtype to float32" if c.compute_dtype != "float32" else ""
+        raise NewllmError(f"the training loss became {loss} at epoch {epoch}; lower "
+                          f"{c.key}.lr ({c.lr}){hint}.")
+
     def fit(self, model: nn.Module, loss_fn: LossFn, n_examples: int,
             generator: torch.Generator, evaluate: Callable[[nn.Module], float] | None = None,
             desc: str | None = None) -> list[Epoch]:
@@ -140,8 +146,14 @@ class Trainer:
                              acc.num_processes)
                 with acc.autocast():
                     loss = loss_fn(prepared, rows)
+                if not math.isfinite(loss.item()):  # stop now, not after a wasted epoch
+                    self._non_finite(loss.item(), epoch)
                 optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
+                # Processes average their gradients with equal weight: weigh each shard's mean
+                # loss by its share of the batch so an uneven last batch counts every row once
+                # (the factor is exactly 1 with one process).
+                batch_rows = min(c.batch_size, n_examples - start)
+                acc.backward(loss * (len(rows) * acc.num_processes / batch_rows))
                 optimizer.step()
                 schedule.step()
                 summed += loss.item() * len(rows)
@@ -152,10 +164,7 @@ class Trainer:
                 summed, seen = totals.tolist()
             train_loss = summed / seen
             if not math.isfinite(train_loss):
-                hint = (f" or set {c.key}.compute_dtype to float32"
-                        if c.compute_dtype != "float32" else "")
-                raise NewllmError(f"the training loss became {train_loss} at epoch {epoch}; "
-                                  f"lower {c.key}.lr ({c.lr}){hint}.")
+                self._non_finite(train_loss, epoch)
             model.eval()
             val_loss = None
             if evaluate is not None:

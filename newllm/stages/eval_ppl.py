@@ -64,6 +64,7 @@ def eval_ppl(base: BaseParams, params: EvalPplParams) -> None:
     write_metrics(params.metrics, metrics)
     click.echo(f"{params.split}: token PPL {result.token_ppl:.4f}, word PPL "
                f"{result.word_ppl:.4f}, bits/byte {result.bits_per_byte:.4f} "
-               f"({result.tokens} tokens, {len(docs)} documents scored {params.documents}ly "
+               f"({result.tokens} tokens, {len(docs)} documents "
+               f"{'scored separately' if params.documents == 'separate' else 'as one stream'} "
                f"after {scorer.separator_token}, context {params.context_length}, stride "
                f"{params.stride})")

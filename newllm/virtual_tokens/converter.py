@@ -8,8 +8,8 @@ rate work at every layer. Standardizing is affine, so `linear` is still exactly
 an affine map of the raw hidden state.
 
 Saved as a safetensors artifact (kind `hidden-to-embedding-converter`) whose
-metadata `extra` holds the config, the layer it reads and whether its pairs
-were read after BOS.
+metadata `extra` holds the config, the layer it reads and the token its pairs
+were read after (`prefix_token_id`, None when read alone).
 """
 
 from __future__ import annotations
