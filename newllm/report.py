@@ -383,9 +383,13 @@ def _read_table(path: str, root: Path, stage: str) -> list[dict[str, Any]]:
     file = root / path
     if not file.is_file():
         raise NewllmError(f"{path} does not exist; {_run_hint(stage)}.")
-    text = file.read_text()
+    try:
+        text = file.read_bytes().decode("utf-8")
+        data = json.loads(text) if file.suffix == ".json" else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        what = "UTF-8" if isinstance(exc, UnicodeDecodeError) else "JSON"
+        raise NewllmError(f"{path}: not valid {what}; {_run_hint(stage)}.") from None
     if file.suffix == ".json":
-        data = json.loads(text)
         if isinstance(data, dict) and len(data) == 1:
             data = next(iter(data.values()))
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

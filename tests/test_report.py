@@ -176,6 +176,14 @@ def test_an_earlier_report_survives_a_failed_one(tmp_path, run_cli):
     assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before
 
 
+def test_a_plot_file_that_is_not_utf8_is_one_line(tmp_path, run_cli):
+    make_project(tmp_path, random.Random())
+    (tmp_path / "plots" / "runs" / "b.csv").write_bytes(b"epoch,train_loss,val_loss\n1,\xff,2\n")
+    result = run_cli("report", cwd=tmp_path)
+    assert_one_line_error(result, "plots/runs/b.csv: not valid UTF-8", "dvc repro test-runs")
+    assert not (tmp_path / "report").exists()
+
+
 def test_stale_metrics_without_a_headline_key(tmp_path, run_cli):
     make_project(tmp_path, random.Random())
     headline = HEADLINES[0]
