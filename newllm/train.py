@@ -103,11 +103,6 @@ class Trainer:
         """Where the loss function's tensors should live."""
         return self.accelerator.device
 
-    @property
-    def is_main_process(self) -> bool:
-        """True on the one process that should write outputs."""
-        return self.accelerator.is_main_process
-
     def _non_finite(self, loss: float, epoch: int) -> None:
         c = self.config
         hint = f" or set {c.key}.compute_dtype to float32" if c.compute_dtype != "float32" else ""
