@@ -32,6 +32,10 @@ COMMANDS = {
     "train-converter": "newllm.stages.train_converter",
     "converter-report": "newllm.stages.converter_report",
     "demo-recursive": "newllm.stages.demo_recursive",
+    "phase1-context": "newllm.stages.phase1_context",
+    "phase2-prep-cache": "newllm.stages.phase2_prep_cache",
+    "phase2-token": "newllm.stages.phase2_token",
+    "cvfp-grid": "newllm.stages.cvfp_grid",
     "bench": "newllm.bench:bench",
     "report": "newllm.report:report",
 }
