@@ -32,6 +32,10 @@ COMMANDS = {
     "train-converter": "newllm.stages.train_converter",
     "converter-report": "newllm.stages.converter_report",
     "demo-recursive": "newllm.stages.demo_recursive",
+    "train-lm": "newllm.stages.train_lm",
+    "eval-reversal": "newllm.stages.eval_reversal",
+    "eval-memory": "newllm.stages.eval_memory",
+    "infini-report": "newllm.stages.infini_report",
     "bench": "newllm.bench:bench",
     "report": "newllm.report:report",
 }

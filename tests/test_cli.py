@@ -173,11 +173,19 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        command = cli.commands[name.split("@")[0]]
+        command = cli.commands[stage["cmd"].split()[1]]  # `newllm <command> ...`
         # each option's help names its params key: "[params: group.key; ...]"
         option_groups = {o.name.replace("_", "-"): re.search(r"\[params: ([a-z_]+)\.", o.help)[1]
                          for o in command.params if o.name != "help"}
-        passed = re.findall(r"--([a-z-]+) \$\{([a-z_]+)\.([a-z_]+)\}", stage["cmd"])
+        passed = re.findall(r"--([a-z-]+) \"?\$\{([a-z_]+)\.([a-z_]+)\}\"?(?=\s|$)", stage["cmd"])
+        # a literal value (`--model-kind infini-lm`, `--out artifacts/${item.kind}/x`): a stage
+        # run of a command with one option fixed; the option still has a params.yaml key
+        literal = [flag for flag, value in re.findall(r"--([a-z-]+) (\S+)", stage["cmd"])
+                   if not re.fullmatch(r"\"?\$\{[a-z_]+\.[a-z_]+\}\"?", value)]
+        for flag in literal:
+            assert flag in option_groups, (name, flag)
+            assert flag.replace("-", "_") in params[option_groups[flag]], (name, flag)
+        passed += [(flag, option_groups[flag], flag.replace("-", "_")) for flag in literal]
         # a whole group, `${per_layer}`, is how DVC passes a list: `--layers 1 15 30`
         words = stage["cmd"].split()
         groups = [m[1] for before, word in itertools.pairwise(words)
