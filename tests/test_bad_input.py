@@ -126,6 +126,14 @@ REPORT = ("converter-report", "--converters", "cm", "--layers", "1,2", "--model-
           "linear,mlp", "--metrics", "report.json", "--plot", "by_layer.csv")
 DEMO = ("demo-recursive", "--model", "{model}", "--converter", "conv.safetensors",
         "--max-new-tokens", "2")
+TRAIN_LM = ("train-lm", "--model", "{model}", "--data", "prepared", "--d-model", "8",
+            "--n-heads", "2", "--max-train-tokens", "512", "--out", "lm/model.safetensors",
+            "--metrics", "tl.json", "--plot", "tl.csv")
+REVERSAL = ("eval-reversal", "--model", "{model}", "--metrics", "rev.json")
+MEMORY = ("eval-memory", "--model", "{model}", "--checkpoint", "lm.safetensors", "--data",
+          "prepared", "--metrics", "mem.json", "--plot", "mem.csv")
+INFINI_REPORT = ("infini-report", "--metrics-dir", "im", "--base-ppl", "ppl.json",
+                 "--metrics", "ir.json")
 WIKI = "summaries_en-us.json"
 NOT_UTF8 = "Caf\xe9 au lait in Paris.\n\nA second paragraph here.\n".encode("latin-1")
 
@@ -288,6 +296,43 @@ CASES = [
          ("conv.safetensors is not a safetensors file",)),
     Case("demo-empty-compress-text", (*DEMO, "--compress-text", "  "), None,
          ("demo_recursive.compress_text is empty",)),
+    # train-lm, eval-reversal, eval-memory, infini-report (Infini-attention line)
+    Case("train-lm-prepared-missing", TRAIN_LM, None,
+         ("prepared/train.safetensors does not exist",)),
+    Case("train-lm-shortlist-over-vocabulary", (*TRAIN_LM, "--shortlist", "5000",
+                                                       "--reversal-facts", "none"), prepared(),
+         ("train_lm.shortlist (5000) must be below the vocabulary size",)),
+    Case("train-lm-pairs-bad-row", (*TRAIN_LM, "--reversal-facts", "p.csv"),
+         prepared(lambda p: (p.parent / "p.csv").write_text("child,parent\nA,B\nC\n")),
+         ("p.csv:3: has fewer fields",)),
+    Case("train-lm-facts-over-budget", (*TRAIN_LM, "--reversal-repeats", "100"), prepared(),
+         ("more than train_lm.max_train_tokens (512)", "reversal_repeats")),
+    Case("reversal-pairs-missing", (*REVERSAL, "--pairs", "nope.csv"), None,
+         ("eval_reversal.pairs 'nope.csv' does not exist",)),
+    Case("reversal-pairs-bad-row", (*REVERSAL, "--pairs", "p.csv"),
+         write("p.csv", "child,parent,parent_type\nA,B,father\n,D,mother\n"),
+         ("p.csv:3: 'child' is missing or empty",)),
+    Case("reversal-jsonl-not-an-object", (*REVERSAL, "--pairs", "p.jsonl", "--format", "jsonl"),
+         write("p.jsonl", '{"child": "A", "parent": "B"}\n[1, 2]\n'),
+         ("p.jsonl:2: expected a JSON object",)),
+    Case("reversal-bad-templates", (*REVERSAL, "--templates", "one template only"), None,
+         ("eval_reversal.templates must be 'forward|backward'",)),
+    Case("reversal-infini-lm-without-checkpoint", (*REVERSAL, "--model-kind", "infini-lm"),
+         None, ("model kind infini-lm needs a checkpoint",)),
+    Case("reversal-too-many-distractors", (*REVERSAL, "--pairs", "p.csv", "--distractors", "5"),
+         write("p.csv", "child,parent\nA,B\nC,D\n"),
+         ("eval_reversal.distractors (5) needs at least 6 distinct parents",)),
+    Case("memory-checkpoint-missing", MEMORY, None, ("lm.safetensors does not exist",)),
+    Case("memory-checkpoint-wrong-kind", MEMORY,
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "lm.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact, expected 'infini-lm'",)),
+    Case("memory-bad-passkey-fillers", (*MEMORY, "--passkey-fillers", "1,x"), None,
+         ("eval_memory.passkey_fillers must be comma-separated integers",)),
+    Case("eval-ppl-infini-lm-wrong-artifact", (*EVAL, "--model-kind", "infini-lm",
+                                               "--checkpoint", "prepared/val.safetensors"),
+         prepared(), ("is a 'prepared-split' artifact, expected 'infini-lm'",)),
+    Case("infini-report-metrics-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
+         ("im/eval_reversal.json does not exist",)),
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),
@@ -300,7 +345,8 @@ def test_the_matrix_is_wide():
               for case in CASES}
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
     assert {"prepare-data", "eval-ppl", "extract-pairs", "train-converter", "converter-report",
-            "demo-recursive", "fetch-assets"} <= stages
+            "demo-recursive", "fetch-assets", "train-lm", "eval-reversal", "eval-memory",
+            "infini-report"} <= stages
 
 
 @pytest.fixture(scope="module")

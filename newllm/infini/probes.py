@@ -22,6 +22,7 @@ import random
 
 import torch
 
+from newllm.errors import NewllmError
 from newllm.infini.models import SegmentLM
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
@@ -101,8 +102,9 @@ def passkey_accuracy(model: SegmentLM, tokenizer, separator_id: int, segment_len
             answers = [encode(f" {key}.") for key in keys]
             width = len(question) + max(len(a) for a in answers)
             if width > s:
-                raise ValueError(f"the question and a key take {width} tokens, more than a "
-                                 f"segment of {s}")
+                raise NewllmError(f"the passkey question and a key take {width} tokens, more "
+                                  f"than the model's segment of {s} (train_lm.segment_length)."
+                                  )
             rows = [torch.tensor(question + a + [separator_id] * (width - len(question) - len(a)))
                     for a in answers]  # right-padded: causal, so padding changes nothing
             tail = torch.stack(rows)

@@ -38,6 +38,7 @@ from newllm.data import jsonl_lines, read_utf8
 from newllm.errors import NewllmError
 
 SHIPPED_PAIRS = Path(__file__).with_name("reversal_pairs.csv")
+SHIPPED = "shipped"  # a pairs path that names the file shipped with this package
 FORMATS = ("csv", "jsonl")
 DEFAULT_TEMPLATES = "{child}'s {parent_type} is {parent}.|{parent}'s {inverse_type} is {child}."
 FIELDS = ("child", "parent", "parent_type", "inverse_type")
@@ -118,7 +119,7 @@ def read_pairs_jsonl(path: Path) -> list[Pair]:
 
 def read_pairs(path: str | Path, fmt: str, max_pairs: int | None = None) -> list[Pair]:
     """Pairs of a CSV or JSONL file (the first `max_pairs`); duplicates are an error."""
-    path = Path(path)
+    path = resolve_pairs(path)
     if not path.is_file():
         raise NewllmError(f"eval_reversal.pairs '{path}' does not exist; expected a {fmt} file "
                           "of child/parent pairs.")
@@ -136,8 +137,13 @@ def read_pairs(path: str | Path, fmt: str, max_pairs: int | None = None) -> list
     return pairs[:max_pairs] if max_pairs is not None else pairs
 
 
+def resolve_pairs(path: str | Path) -> Path:
+    """`shipped` is the package's own pairs file; anything else a path."""
+    return SHIPPED_PAIRS if str(path) == SHIPPED else Path(path)
+
+
 def file_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(resolve_pairs(path).read_bytes()).hexdigest()
 
 
 def parse_templates(templates: str) -> tuple[str, str]:

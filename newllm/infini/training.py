@@ -21,7 +21,9 @@ through `newllm.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,17 @@ from newllm.infini.models import LM_KIND, LMConfig, SegmentLM
 LOW_PPL, HIGH_PPL = 5.0, 1000.0  # the seed's diagnostic bands
 
 
-def single_thread() -> None:
-    """One torch thread: these models' matrices are so small that a second thread only adds
-    synchronisation, and on a shared 2-core machine it made training ~30x slower."""
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch thread inside the block: these models' matrices are so small that a second
+    thread only adds synchronisation (on a shared 2-core machine it made training ~30x
+    slower), and one thread makes float32 sums the same on any machine."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ppl_flag(ppl: float) -> str:
@@ -118,7 +127,8 @@ class SegmentScorer:
     max_length: int | None = None
 
     def stream_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
-        lp = stream_logprobs(self.model, ids.to(self.device), self.segment_length)
+        with single_thread():
+            lp = stream_logprobs(self.model, ids.to(self.device), self.segment_length)
         return float(-(lp.double().cpu() * mask[1:].double()).sum())
 
     @torch.no_grad()
@@ -126,8 +136,9 @@ class SegmentScorer:
         """Full-vocabulary log-probabilities [B, keep, V] of rows read from their first
         token in segments (memory reset per call)."""
         self.model.reset_memory()
-        out = [self.model.full_logprobs(self.model(input_ids[:, s:s + self.segment_length]))
-               for s in range(0, input_ids.shape[1], self.segment_length)]
+        with single_thread():
+            out = [self.model.full_logprobs(self.model(input_ids[:, s:s + self.segment_length]))
+                   for s in range(0, input_ids.shape[1], self.segment_length)]
         return torch.cat(out, dim=1)[:, -keep:]
 
 
@@ -158,7 +169,6 @@ def load_infini_scorer(base_params: Any, checkpoint: str | None) -> SegmentScore
         raise NewllmError("model kind infini-lm needs a checkpoint: a train-lm model "
                           "(model.safetensors), got null.")
     tokenizer, info = load_tokenizer(base_params.model)
-    single_thread()
     device = resolve_device(base_params.device)
     model, meta = load_lm(checkpoint, base=info.tokenizer_only(), device=device)
     separator_id = separator_token_id(tokenizer, base_params.separator_token)

@@ -61,18 +61,18 @@ class EvalMemoryParams:
                     "number of segments compressed into memory before them, and passkey "
                     "retrieval accuracy vs the number of filler segments.")
 def eval_memory(base_params: BaseParams, params: EvalMemoryParams) -> None:
-    single_thread()
     tokenizer, info = load_tokenizer(base_params.model)
     model, meta = load_lm(params.checkpoint, base=info.tokenizer_only())
     segment_length = meta["extra"]["segment_length"]
     separator_id = meta["extra"]["separator_id"]
     docs, _ = load_split(params.data, params.split, base=info.tokenizer_only()).documents()
     stream, _ = build_stream(docs, separator_id)
-    curve = compressions_curve(model, stream, segment_length, params.max_compressions,
-                               params.targets)
-    passkey = passkey_accuracy(model, tokenizer, separator_id, segment_length,
-                               params.fillers(), params.passkey_trials,
-                               params.passkey_candidates, params.seed)
+    with single_thread():
+        curve = compressions_curve(model, stream, segment_length, params.max_compressions,
+                                   params.targets)
+        passkey = passkey_accuracy(model, tokenizer, separator_id, segment_length,
+                                   params.fillers(), params.passkey_trials,
+                                   params.passkey_candidates, params.seed)
     write_csv(params.plot, ["compressions", "ppl"], [[n, f"{p:.6g}"] for n, p in curve])
     write_metrics(params.metrics, {
         "kind": model.config.kind, "use_delta_rule": model.config.use_delta_rule,

@@ -19,7 +19,7 @@ from newllm.cli import stage_command
 from newllm.infini.reversal import (
     DEFAULT_TEMPLATES,
     FORMATS,
-    SHIPPED_PAIRS,
+    SHIPPED,
     file_hash,
     parse_templates,
     read_pairs,
@@ -36,9 +36,9 @@ class EvalReversalParams:
     model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model read from "
                             "`checkpoint`.", choices=tuple(MODEL_KINDS))
     checkpoint: str | None = param(None, "train-lm model artifact (null for hf).")
-    pairs: str = param(str(SHIPPED_PAIRS.relative_to(SHIPPED_PAIRS.parents[2])),
-                       "Pairs file: parent_child_pairs.csv format (child,parent,parent_type,"
-                       "...) or JSONL.")
+    pairs: str = param(SHIPPED, "Pairs file: parent_child_pairs.csv format (child,parent,"
+                       "parent_type,...) or JSONL; 'shipped' = the package's own "
+                       "(newllm/infini/reversal_pairs.csv).")
     format: str = param("csv", "Format of the pairs file.", choices=FORMATS)
     max_pairs: int | None = param(None, "Evaluate the first this many pairs (null = all).",
                                   min=1)

@@ -25,6 +25,7 @@ from newllm.infini.models import count_parameters, create_model
 from newllm.infini.reversal import (
     DEFAULT_TEMPLATES,
     FORMATS,
+    SHIPPED,
     file_hash,
     forward_sentences,
     injected_split,
@@ -84,9 +85,9 @@ class TrainLmParams:
                                        "documents); null = the whole split.", min=1)
     val_documents: str = param("separate", "How the per-epoch val PPL reads documents (as "
                                "eval_ppl.documents).", choices=DOCUMENT_MODES)
-    reversal_facts: str | None = param("newllm/infini/reversal_pairs.csv", "Pairs file "
-                                       "whose forward sentences are mixed into the training "
-                                       "stream (null = none).")
+    reversal_facts: str | None = param(SHIPPED, "Pairs file whose forward sentences are "
+                                       "mixed into the training stream ('shipped' = the "
+                                       "package's own; null = none).")
     reversal_format: str = param("csv", "Format of reversal_facts.", choices=FORMATS)
     reversal_templates: str = param(DEFAULT_TEMPLATES, "Forward|backward templates (as "
                                     "eval_reversal.templates).")
@@ -130,7 +131,6 @@ def training_stream(docs: list[torch.Tensor], facts: list[list[int]], separator_
                     "corpus in segments (memory carried across the segments of a sequence); "
                     "per-epoch val PPL by eval-ppl's code, flagged below 5 or above 1000.")
 def train_lm(base_params: BaseParams, params: TrainLmParams) -> None:
-    single_thread()
     tokenizer, info = load_tokenizer(base_params.model)
     separator_id = separator_token_id(tokenizer, base_params.separator_token)
     train = load_split(params.data, "train", base=info.tokenizer_only())
@@ -185,9 +185,10 @@ def train_lm(base_params: BaseParams, params: TrainLmParams) -> None:
     trainer = Trainer(TrainConfig("train_lm", params.epochs, params.batch_size, params.lr,
                                   params.compute_dtype, optimizer="adamw",
                                   device=base_params.device))
-    history = trainer.fit(model, lambda m, rows: sequence_loss(
-        m, sequences[rows].to(trainer.device), params.segment_length), len(sequences),
-        generator, evaluate=val_nll, desc=f"train-lm {params.kind}")
+    with single_thread():
+        history = trainer.fit(model, lambda m, rows: sequence_loss(
+            m, sequences[rows].to(trainer.device), params.segment_length), len(sequences),
+            generator, evaluate=val_nll, desc=f"train-lm {params.kind}")
     model = model.cpu().eval()
     final_ppl = math.exp(history[-1].val_loss)
     extra = {"separator_id": separator_id, "train_tokens": int(sequences[:, :-1].numel()),
