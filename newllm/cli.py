@@ -36,6 +36,7 @@ COMMANDS = {
     "eval-reversal": "newllm.stages.eval_reversal",
     "eval-memory": "newllm.stages.eval_memory",
     "infini-report": "newllm.stages.infini_report",
+    "train-infini-adapter": "newllm.stages.train_infini_adapter",
     "bench": "newllm.bench:bench",
     "report": "newllm.report:report",
 }

@@ -74,4 +74,32 @@ HEADLINES: tuple[Headline, ...] = (
         note="Share of held-out token ids whose converted hidden state is nearest (cosine) "
              "to their own input embedding; identity is the raw hidden state.",
     ),
+    Headline(
+        name="infini",
+        title="Infini-attention LMs at matched parameters and tokens: val PPL, memory, "
+              "reversal curse",
+        stage="infini-report",
+        rows=r"([\w-]+?)__",
+        row_label="model",
+        figures=(
+            Figure("parameters", "parameters", ",d"),
+            Figure("val_ppl", "val PPL", ".1f"),
+            Figure("train_val_ppl", "val PPL (train-lm)", ".1f"),
+            Figure("ppl_after_0", "PPL, 0 compressed", ".1f"),
+            Figure("ppl_after_max", "PPL, max compressed", ".1f"),
+            Figure("passkey_mean", "passkey acc.", ".2f"),
+            Figure("injected_forward_ppl", "injected fwd PPL", ".1f"),
+            Figure("injected_backward_ppl", "injected bwd PPL", ".1f"),
+            Figure("control_forward_ppl", "control fwd PPL", ".1f"),
+            Figure("control_backward_ppl", "control bwd PPL", ".1f"),
+            Figure("injected_backward_rank_accuracy", "injected bwd rank acc.", ".2f"),
+            Figure("control_backward_rank_accuracy", "control bwd rank acc.", ".2f"),
+        ),
+        note="Tiny models (same size, same training tokens) trained by train-lm; val PPL by "
+             "eval-ppl (recurrent: segments with memory carried); 'compressed' = segments "
+             "written to memory before a fixed late val segment (eval-memory); injected = "
+             "pairs whose forward sentence was in the training stream, control = never "
+             "shown (for the base: all pairs); rank accuracy is among 4 distractors (chance "
+             "0.20).",
+    ),
 )

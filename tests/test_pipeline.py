@@ -51,6 +51,13 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["per_layer"]["layers"] = [1, 2]
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
+    params["train_lm"].update(d_model=16, n_layers=2, n_heads=2, d_ff=32, shortlist=128,
+                              segment_length=32, segments_per_sequence=2,
+                              max_train_tokens=2048, val_max_tokens=200, batch_size=4,
+                              reversal_repeats=2)
+    params["eval_reversal"].update(max_pairs=8, distractors=2)
+    params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers="0,2",
+                                 passkey_trials=2)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
     return params

@@ -28,8 +28,7 @@ class InfiniReportParams:
     metrics_dir: str = param("metrics/infini", "Folder of the line's metrics files.")
     kinds: str = param("pythia,infini,multi_memory,hierarchical", "Comma-separated trained "
                        "kinds (infini_runs.kinds).")
-    ablations: str = param("delta-true_alibi-false,delta-true_alibi-true,"
-                           "delta-false_alibi-false,delta-false_alibi-true",
+    ablations: str = param("delta-false_alibi-false,delta-false_alibi-true",
                            "Comma-separated ablation runs (infini_runs' delta x alibi grid).")
     base_ppl: str = param("metrics/eval_ppl.json", "The base model's eval-ppl metrics.")
     metrics: str = param("metrics/infini_report.json", "Metrics JSON to write.")
@@ -82,7 +81,8 @@ def infini_report(params: InfiniReportParams) -> None:
     base_ppl = read_json(Path(params.base_ppl))
     out["base__val_ppl"] = base_ppl["token_ppl"]
     base_rev = read_json(folder / "eval_reversal.json")
-    out.update({f"base__{k}": base_rev[k] for k in REVERSAL_KEYS})
+    # the base was never shown the pairs: its figures go in the never-injected columns
+    out.update({f"base__control_{k}": base_rev[k] for k in REVERSAL_KEYS})
     for kind in names(params.kinds, "kinds"):
         train = read_json(folder / f"train_lm_{kind}.json")
         ppl = read_json(folder / f"eval_ppl_{kind}.json")
