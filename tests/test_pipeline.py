@@ -33,7 +33,7 @@ def run(cwd: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(cwd.parent / "dvc-site-cache"),
            "GIT_CONFIG_NOSYSTEM": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -51,6 +51,10 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["per_layer"]["layers"] = [1, 2]
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
+    # two kinds and one ablation keep the Infini line's part of the tiny DAG short
+    params["infini_runs"].update(kinds=["pythia", "infini"], use_delta_rule=[False],
+                                 use_alibi=[True])
+    params["infini_report"].update(kinds="pythia,infini", ablations="delta-false_alibi-true")
     params["train_lm"].update(d_model=16, n_layers=2, n_heads=2, d_ff=32, shortlist=128,
                               segment_length=32, segments_per_sequence=2,
                               max_train_tokens=2048, val_max_tokens=200, batch_size=4,
