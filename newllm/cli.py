@@ -32,6 +32,10 @@ COMMANDS = {
     "train-converter": "newllm.stages.train_converter",
     "converter-report": "newllm.stages.converter_report",
     "demo-recursive": "newllm.stages.demo_recursive",
+    "self-generate": "newllm.stages.self_generate",
+    "estimate-directions": "newllm.stages.estimate_directions",
+    "eval-chameleon": "newllm.stages.eval_chameleon",
+    "generate": "newllm.stages.generate",
     "bench": "newllm.bench:bench",
     "report": "newllm.report:report",
 }

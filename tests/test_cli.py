@@ -177,7 +177,8 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
         # each option's help names its params key: "[params: group.key; ...]"
         option_groups = {o.name.replace("_", "-"): re.search(r"\[params: ([a-z_]+)\.", o.help)[1]
                          for o in command.params if o.name != "help"}
-        passed = re.findall(r"--([a-z-]+) \$\{([a-z_]+)\.([a-z_]+)\}", stage["cmd"])
+        # a free-text value (a prompt template) is passed in single quotes
+        passed = re.findall(r"--([a-z-]+) '?\$\{([a-z_]+)\.([a-z_]+)\}'?", stage["cmd"])
         # a whole group, `${per_layer}`, is how DVC passes a list: `--layers 1 15 30`
         words = stage["cmd"].split()
         groups = [m[1] for before, word in itertools.pairwise(words)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chameleon_helpers import make_mini_movielens
 from conftest import REPO
 from test_report import PNG_MAGIC, assert_printed, row_key
 
@@ -53,6 +54,13 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
+    # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs
+    movielens = make_mini_movielens(Path(tiny_model).parent / "ml-mini")
+    params["chameleon_data"].update(data=str(movielens), num_direction_users=3,
+                                    num_eval_users=4, max_profile_items=4, min_profile_items=3)
+    params["self_generate"].update(max_new_tokens=3)
+    params["estimate_directions"]["target_layers"] = "0,1"
+    params["eval_chameleon"].update(max_new_tokens=2, bootstrap=20, sweep_alphas="1.2")
     return params
 
 
