@@ -379,3 +379,21 @@ def test_control_vector_gguf_reads_back(tmp_path):
     with pytest.raises(NewllmError, match="cannot set layer 0"):
         write_control_vector(tmp_path / "zero.gguf", {0: vectors[21]}, "llama")
     assert not (tmp_path / "zero.gguf").exists()
+
+
+def test_tag_logprobs_equal_one_sequence_at_a_time(tiny):
+    """The packed pass (all tags side by side, kept apart by the mask) against scoring each
+    prompt + tag as its own unpadded sequence."""
+    from newllm.chameleon.lm import tag_logprobs
+
+    model = tiny.model
+    prompts = [[5, 17, 42, 8, 9], [3, 4, 6], [7]]
+    tags = [[11], [12, 13], [14, 15, 16]]
+    packed = tag_logprobs(model, prompts, tags, batch_size=2, pad_id=0)
+    for i, prompt in enumerate(prompts):
+        for k, tag in enumerate(tags):
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([prompt + tag])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)
+            expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(tag))
+            assert float(packed[i, k]) == pytest.approx(expected, abs=1e-4)

@@ -7,7 +7,6 @@ of length so little is padding, and results come back in the caller's order.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,12 +31,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device
     ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """transformers 5 renames forward's `past_key_values` to `cache` (the old name warns)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -105,47 +98,68 @@ def pooled_states(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]
     return {p: torch.stack(v) for p, v in pooled.items()}  # type: ignore[arg-type]
 
 
+def _packed_tag_rows(prompts: list[list[int]], tag_ids: list[list[int]], pad_id: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt (left-padded to P) followed by every tag, as ids, positions and a 4D
+    attention mask [B, 1, T, T]: a tag's tokens see the prompt and their own earlier tokens,
+    never another tag, and each tag's positions continue the prompt's."""
+    length = max(len(p) for p in prompts)
+    flat = [t for tag in tag_ids for t in tag]
+    total = length + len(flat)
+    spans, start = [], length
+    for tag in tag_ids:
+        spans.append((start, start + len(tag)))
+        start += len(tag)
+    block = torch.zeros(total, total, dtype=torch.bool)
+    block[:length, :length] = True
+    for a, b in spans:
+        block[a:b, :length] = True
+        block[a:b, a:b] = True
+    block &= torch.ones(total, total, dtype=torch.bool).tril()
+    ids = torch.full((len(prompts), total), pad_id)
+    positions = torch.zeros(len(prompts), total, dtype=torch.long)
+    allowed = block.repeat(len(prompts), 1, 1)
+    for row, prompt in enumerate(prompts):
+        pad = length - len(prompt)
+        ids[row, pad:length] = torch.tensor(prompt)
+        ids[row, length:] = torch.tensor(flat)
+        positions[row, pad:length] = torch.arange(len(prompt))
+        for (a, b), tag in zip(spans, tag_ids, strict=True):
+            positions[row, a:b] = len(prompt) + torch.arange(len(tag))
+        allowed[row, :, :pad] = False  # nothing attends to padding...
+        allowed[row, torch.arange(pad), torch.arange(pad)] = True  # ...but itself (no NaN)
+    return ids, positions, allowed[:, None]
+
+
 @torch.inference_mode()
 def tag_logprobs(model: torch.nn.Module, prompts: list[list[int]], tag_ids: list[list[int]],
                  *, batch_size: int, pad_id: int, desc: str = "likelihood",
                  row_hook: Any = None) -> torch.Tensor:
     """log p(tag | prompt) summed over each tag's tokens -> [N, K] (float64).
 
-    The prompt runs once; its cache is repeated for the K tags, which then run together.
-    `row_hook(rows)` is called before each batch with the prompt indices it holds (per-user
-    edits set their directions there).
+    One forward pass per batch scores every tag: the tags follow the prompt side by side,
+    kept apart by the attention mask (`_packed_tag_rows`), and the LM head runs only at the
+    positions that predict a tag token. `row_hook(rows)` is called before each batch with the
+    prompt indices it holds (per-user edits set their directions there).
     """
     device = device_of(model)
-    k = len(tag_ids)
-    tag_len = max(len(t) for t in tag_ids)
-    tags = torch.tensor([t + [pad_id] * (tag_len - len(t)) for t in tag_ids], device=device)
-    tag_mask = torch.tensor([[1] * len(t) + [0] * (tag_len - len(t)) for t in tag_ids],
-                            device=device)
-    scores = torch.zeros(len(prompts), k, dtype=torch.float64)
+    tag_len = sum(len(t) for t in tag_ids)
+    scores = torch.zeros(len(prompts), len(tag_ids), dtype=torch.float64)
     for rows in progress(list(_batches([len(p) for p in prompts], batch_size)), desc,
                          unit="batch"):
         if row_hook is not None:
             row_hook(rows)
-        ids, mask, positions = _left_pad([prompts[i] for i in rows], pad_id, device)
-        first = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                      use_cache=True, logits_to_keep=1)
-        first_logp = torch.log_softmax(first.logits[:, -1].double(), -1)  # [B, V]
-        cache = first.past_key_values
-        cache.batch_repeat_interleave(k)
-        b = len(rows)
-        if row_hook is not None:
-            row_hook([i for i in rows for _ in range(k)])
-        rest_mask = torch.cat([mask.repeat_interleave(k, 0), tag_mask.repeat(b, 1)], 1)
-        start = positions[:, -1:].repeat_interleave(k, 0) + 1
-        rest = model(input_ids=tags.repeat(b, 1), attention_mask=rest_mask,
-                     position_ids=start + torch.arange(tag_len, device=device),
-                     use_cache=True, **{_cache_argument(model): cache})
-        rest_logp = torch.log_softmax(rest.logits.double(), -1)  # [B*K, L, V]
-        all_tags = tags.repeat(b, 1)
-        # token j of a tag is predicted at position j-1 of the tag pass (j=0 by the prompt)
-        total = first_logp.repeat_interleave(k, 0).gather(1, all_tags[:, :1]).squeeze(1)
-        if tag_len > 1:
-            later = rest_logp[:, :-1].gather(2, all_tags[:, 1:, None]).squeeze(2)
-            total = total + (later * tag_mask.repeat(b, 1)[:, 1:]).sum(1)
-        scores[rows] = total.view(b, k).cpu()
+        ids, positions, allowed = _packed_tag_rows([prompts[i] for i in rows], tag_ids, pad_id)
+        out = model(input_ids=ids.to(device), attention_mask=allowed.to(device),
+                    position_ids=positions.to(device), use_cache=False,
+                    logits_to_keep=tag_len + 1)
+        # kept logits: position P-1 (predicts every tag's first token), then the tag tokens
+        logp = torch.log_softmax(out.logits.double(), -1).cpu()
+        offset = 1
+        for k, tag in enumerate(tag_ids):
+            total = logp[:, 0, tag[0]].clone()
+            for j in range(1, len(tag)):
+                total += logp[:, offset + j - 1, tag[j]]
+            scores[rows, k] = total
+            offset += len(tag)
     return scores
