@@ -34,6 +34,7 @@ from newllm.chameleon.scoring import (
     INVALID,
     bootstrap_ci,
     entropy,
+    exact_tag,
     macro_f1,
     macro_f1_resampled,
     paired_bootstrap,
@@ -327,12 +328,15 @@ def test_frozen_check_counts_and_catches_a_changed_weight(tiny_model):
 TAGS = ("Action", "Comedy", "Sci-Fi", "Children's")
 
 
-@pytest.mark.parametrize(("text", "tag"), [
-    ("Action", "Action"), (" comedy.\nmore", "Comedy"), ("Tag: Sci-Fi", "Sci-Fi"),
-    ("sci fi movie", "Sci-Fi"), ("Children's", "Children's"), ("Drama", INVALID),
-    ("", INVALID), ("I think Action", INVALID)])
-def test_parse_tag(text, tag):
-    assert parse_tag(text, TAGS) == tag
+@pytest.mark.parametrize(("text", "exact", "named"), [
+    ("Action", "Action", "Action"), (" comedy.\nmore", "Comedy", "Comedy"),
+    ("Tag: Sci-Fi", "Sci-Fi", "Sci-Fi"), ("Children's", "Children's", "Children's"),
+    ("sci fi movie", INVALID, "Sci-Fi"), ("Drama", INVALID, INVALID), ("", INVALID, INVALID),
+    ("This movie belongs to the genre of Comedy, Action", INVALID, "Comedy"),
+    ("It is an action-comedy", INVALID, "Action"), ("Actionable advice", INVALID, INVALID)])
+def test_parse_tag(text, exact, named):
+    assert exact_tag(text, TAGS) == exact
+    assert parse_tag(text, TAGS) == named
 
 
 def test_macro_f1_and_its_resampled_form_agree_with_hand_counts():

@@ -13,19 +13,25 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-def parse_tag(text: str, tags: tuple[str, ...]) -> str:
-    """The tag a generation answers: its first line equals a tag (ignoring case and
-    punctuation), or starts with one (the longest that fits); else INVALID."""
+def exact_tag(text: str, tags: tuple[str, ...]) -> str:
+    """The tag a generation is, as LaMP scores it: its first line equals a tag (ignoring case,
+    punctuation and a leading 'Tag:'/'Answer:'); else INVALID."""
     line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
     line = re.sub(r"^(tag|answer)\s*:\s*", "", line.strip(), flags=re.IGNORECASE)
-    said = _norm(line)
-    by_norm = {_norm(t): t for t in tags}
-    if said in by_norm:
-        return by_norm[said]
-    for norm in sorted(by_norm, key=len, reverse=True):
-        if said.startswith(norm + " ") or said == norm:
-            return by_norm[norm]
-    return INVALID
+    return {_norm(t): t for t in tags}.get(_norm(line), INVALID)
+
+
+def parse_tag(text: str, tags: tuple[str, ...]) -> str:
+    """The tag a generation answers: the exact tag (`exact_tag`), else the first tag it names
+    as a word ("This movie belongs to the genre of Thriller." -> Thriller; at one position the
+    longest tag wins); else INVALID. Small models rarely answer with the bare tag."""
+    exact = exact_tag(text, tags)
+    if exact != INVALID:
+        return exact
+    said = f" {_norm(text)} "
+    found = [(said.find(f" {_norm(t)} "), -len(_norm(t)), t) for t in tags]
+    found = [f for f in found if f[0] >= 0]
+    return min(found)[2] if found else INVALID
 
 
 def names_a_tag(text: str, tags: tuple[str, ...]) -> bool:

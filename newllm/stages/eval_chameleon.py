@@ -40,6 +40,7 @@ from newllm.chameleon.scoring import (
     INVALID,
     bootstrap_ci,
     entropy,
+    exact_tag,
     paired_bootstrap,
     parse_tag,
     resamples,
@@ -71,7 +72,7 @@ class EvalChameleonParams:
     max_new_tokens: int = param(10, "Tokens generated per answer.", min=1)
     batch_size: int = param(8, "Prompts per batch.", min=1)
     bootstrap: int = param(1000, "Bootstrap resamples for the intervals.", min=10)
-    sweep_alphas: str = param("0.3,1.2,2.4", "Alphas of the accuracy-vs-alpha plot "
+    sweep_alphas: str = param("1.2,2.4", "Alphas of the accuracy-vs-alpha plot "
                               "(likelihood scoring; beta and target_edit_ratio scaled by "
                               "alpha/eval_chameleon.alpha; the personalized prompt is alpha "
                               "0); empty = no sweep.")
@@ -166,7 +167,8 @@ def eval_chameleon(base_params: BaseParams, data: ChameleonDataParams,
                                batch_size=params.batch_size, pad_id=pad, eos_ids=eos,
                                desc=f"{condition} generate", row_hook=row_hook)
                 texts = [tokenizer.decode(n, skip_special_tokens=True) for n in new]
-                return {"pred": [parse_tag(t, task.tags) for t in texts], "texts": texts}
+                return {"pred": [parse_tag(t, task.tags) for t in texts], "texts": texts,
+                        "exact": [exact_tag(t, task.tags) != INVALID for t in texts]}
             scores = tag_logprobs(model, prompts[condition], tag_ids,
                                   batch_size=params.batch_size, pad_id=pad,
                                   desc=f"{condition} likelihood", row_hook=row_hook).numpy()
@@ -191,6 +193,7 @@ def eval_chameleon(base_params: BaseParams, data: ChameleonDataParams,
             if scoring == "gen":
                 metrics[f"{name}_valid_tag_rate"] = \
                     sum(p != INVALID for p in result["pred"]) / len(gold)
+                metrics[f"{name}_exact_tag_rate"] = sum(result["exact"]) / len(gold)
             else:
                 metrics[f"{name}_entropy_mean"] = float(result["entropy"].mean())
         correct = {c: np.array([p == g for p, g in zip(results[c, scoring]["pred"], gold,

@@ -40,7 +40,7 @@ class SelfGenerateParams:
     users: str = param("direction", "Whose generations: the direction users, or all (direction "
                        "and evaluation users; per_user directions need the latter).",
                        choices=("direction", "all"))
-    max_new_tokens: int = param(24, "Tokens generated per prompt.", min=1)
+    max_new_tokens: int = param(16, "Tokens generated per prompt.", min=1)
     do_sample: bool = param(False, "Sample (seeded) instead of greedy decoding.")
     temperature: float = param(0.7, "Sampling temperature (do_sample only).", min=1e-6)
     top_p: float = param(0.9, "Nucleus sampling mass (do_sample only).", min=1e-6, max=1.0)
