@@ -12,15 +12,16 @@ from typing import Any
 from newllm.chameleon.data import Question
 from newllm.errors import NewllmError
 
-# The seed's openings. No ASCII single quote: dvc.yaml passes templates in single quotes
-# (hence the typographic apostrophe).
+# The seed's openings. dvc.yaml passes a template on one line in single quotes, so a line
+# break is written `\n` (two characters) and there is no ASCII single quote (hence the
+# typographic apostrophe).
 PERSONALIZED_TEMPLATE = (
     "You are a personalized assistant. Based on user’s preferences shown in their movie "
     "history below, describe in one or two sentences what this user likes and which tag they "
-    "would give the movie.\nMovie history:\n{profile}\n{question}")
+    "would give the movie.\\nMovie history:\\n{profile}\\n{question}")
 NEUTRAL_TEMPLATE = (
     "You are a neutral movie classifier. Analyze objectively, without reference to any "
-    "user, in one or two sentences what kind of movie this is.\n{question}")
+    "user, in one or two sentences what kind of movie this is.\\n{question}")
 PERSONALIZED_PREFIX = "Here are movies this user has tagged:\n{profile}\n\n{question}"
 
 
@@ -31,7 +32,8 @@ def profile_text(question: Question) -> str:
 def fill(template: str, question: Question, key: str) -> str:
     """`template` with this question's profile and input; a bad placeholder names `key`."""
     try:
-        return template.format(profile=profile_text(question), question=question.input)
+        return template.replace("\\n", "\n").format(profile=profile_text(question),
+                                                    question=question.input)
     except (KeyError, IndexError, ValueError) as exc:
         raise NewllmError(f"{key} has a placeholder other than {{profile}} and {{question}} "
                           f"({type(exc).__name__}: {exc}); write literal braces as {{{{ }}}}.") \
@@ -42,9 +44,10 @@ def check_template(template: str, key: str, *, needs_profile: bool) -> None:
     """A personalized template must show the profile; a neutral one must not."""
     if not template.strip():
         raise NewllmError(f"{key} is empty; give it a prompt text.")
-    if "'" in template:
-        raise NewllmError(f"{key} has a single quote ('), which dvc.yaml cannot pass (it quotes "
-                          "templates with it); use ’ or a double quote.")
+    if "'" in template or "\n" in template:
+        raise NewllmError(f"{key} has a single quote or a line break, which dvc.yaml cannot "
+                          "pass (it gives the template on one line in single quotes); write a "
+                          "line break as \\n and use ’ or a double quote.")
     if needs_profile and "{profile}" not in template:
         raise NewllmError(f"{key} has no {{profile}} placeholder; a personalized prompt must "
                           "show the user's profile.")
