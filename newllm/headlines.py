@@ -89,6 +89,7 @@ HEADLINES: tuple[Headline, ...] = (
             Figure("edit_minus_null_lik_diff", "edit - null (likelihood)", ".3f"),
             Figure("edit_minus_null_lik_lo", "edit - null, 95% low", ".3f"),
             Figure("edit_minus_null_lik_hi", "edit - null, 95% high", ".3f"),
+            Figure("no_profile_gen_accuracy", "no profile (generation)", ".3f"),
             Figure("personalized_gen_accuracy", "personalized prompt (generation)", ".3f"),
             Figure("edit_gen_accuracy", "projection edit (generation)", ".3f"),
             Figure("edit_gen_valid_tag_rate", "valid tags, edit (generation)", ".3f"),
