@@ -36,6 +36,10 @@ COMMANDS = {
     "estimate-directions": "newllm.stages.estimate_directions",
     "eval-chameleon": "newllm.stages.eval_chameleon",
     "generate": "newllm.stages.generate",
+    "phase1-context": "newllm.stages.phase1_context",
+    "phase2-prep-cache": "newllm.stages.phase2_prep_cache",
+    "phase2-token": "newllm.stages.phase2_token",
+    "cvfp-grid": "newllm.stages.cvfp_grid",
     "bench": "newllm.bench:bench",
     "report": "newllm.report:report",
 }
@@ -96,18 +100,21 @@ class ListOption(click.Option):
             option.process = greedy
 
 
-class NullableInt(click.ParamType):
-    name = "INT|none"
+class Nullable(click.ParamType):
+    """An optional int or str: dvc.yaml renders a null param as `None`."""
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).lower() in ("none", "null"):
+    def __init__(self, base: type):
+        self.base = base
+        self.name = f"{base.__name__.upper()}|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None or str(value).lower() in ("none", "null"):
             return None
         try:
-            return int(value)
+            return self.base(value)
         except ValueError:
-            self.fail(f"{value!r} is not an integer or 'none'", param, ctx)
+            self.fail(f"{value!r} is not {'an integer' if self.base is int else 'a value'} "
+                      "or 'none'", param, ctx)
 
 
 def _option_for(spec: Any, group: str) -> Callable:
@@ -118,8 +125,8 @@ def _option_for(spec: Any, group: str) -> Callable:
     # Booleans take a value (`--bos false`), as dvc.yaml renders `${group.key}` as true/false.
     click_type: Any = {int: int, float: float, str: str, bool: click.BOOL,
                        list: ListOfInts()}[spec.base]
-    if spec.base is int and spec.optional:
-        click_type = NullableInt()
+    if spec.base in (int, str) and spec.optional:
+        click_type = Nullable(spec.base)
     if spec.choices:
         click_type = click.Choice(spec.choices)
     return click.option(flag, spec.name, type=click_type, default=None, help=help_text,

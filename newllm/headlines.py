@@ -100,4 +100,46 @@ HEADLINES: tuple[Headline, ...] = (
              "to the edited MLP outputs, the null control the same with random directions; "
              "intervals are paired bootstrap 95%.",
     ),
+    Headline(
+        name="cvfp",
+        title="CVFP context-vector fixed-point LM (phase 2, val)",
+        stage="phase2-token",
+        figures=(
+            Figure("train_tokens", "train tokens", ",d"),
+            Figure("epochs", "epochs", "d"),
+            Figure("val_ppl", "val PPL", ".1f"),
+            Figure("val_accuracy", "val accuracy", ".4f"),
+            Figure("parameters_trainable", "trainable parameters", ",d"),
+        ),
+        note="The TokenBlock alone trained on the frozen blocks' exact contexts; the seeds "
+             "report val PPL 111.9 / accuracy 25.6 % after 2M tokens on a GPU.",
+    ),
+    Headline(
+        name="cvfp_perplexity",
+        title="CVFP through eval-ppl (val, documents separately)",
+        stage="eval-ppl-cvfp",
+        figures=(
+            Figure("tokens", "tokens scored", ",d"),
+            Figure("token_ppl", "token PPL", ".2f"),
+            Figure("word_ppl", "word PPL", ".2f"),
+            Figure("bits_per_byte", "bits per byte", ".4f"),
+        ),
+        note="Same accounting as the base model's table; each document is read whole by the "
+             "recurrence after the separator (no window).",
+    ),
+    Headline(
+        name="cvfp_grid",
+        title="CVFP: seeds/003's configurations at one token budget",
+        stage="cvfp-grid",
+        rows=r"([a-z0-9_]+?)__",
+        row_label="configuration",
+        figures=(
+            Figure("val_ppl", "val PPL", ".1f"),
+            Figure("val_accuracy", "val accuracy", ".4f"),
+            Figure("seed_val_ppl", "seed val PPL", ".1f"),
+            Figure("seed_val_accuracy", "seed val accuracy", ".3f"),
+        ),
+        note="Ours: 6k phase-1 and 12k phase-2 tokens per configuration on a CPU; the seed's: "
+             "2M tokens on a GPU with GPT-2 embeddings. Blank: the seed gives no figure.",
+    ),
 )

@@ -14,14 +14,18 @@ later window moves `stride` targets on and scores only those, with the
 `x[begin:end]` (at most `context_length` tokens) and they predict
 `x[begin+1:end+1]`, so even `stride == context_length` scores every token.
 
+A recurrent kind (one whose scorer has `stream_nll`) has no window: it reads each
+stream from its first token to its last, carrying its state, and scores the same
+tokens; its context length and stride are recorded as not applicable (null).
+
 Figures follow lm-evaluation-harness: token PPL = exp(NLL / tokens), word PPL =
 exp(NLL / words), bits per byte = NLL / (bytes * ln 2), all over whole documents.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,7 +43,9 @@ class Scorer(Protocol):
     """What eval-ppl needs of a model: logits for the last `keep` positions of each row.
 
     A kind may also define `summed_nll(input_ids, keep, labels)`, a faster way to the sum
-    `nll_from_logits` computes; eval-ppl uses it when present."""
+    `nll_from_logits` computes; eval-ppl uses it when present. A recurrent kind defines
+    `stream_nll(ids, mask) -> float`, the summed NLL of the masked tokens of a stream read
+    from its first token with the state carried throughout; eval-ppl then uses no windows."""
 
     device: torch.device
     info: BaseInfo  # the base whose tokenizer the model reads
@@ -60,20 +66,24 @@ def nll_from_logits(scorer: Scorer, input_ids: torch.Tensor, keep: int,
                            labels.reshape(-1).to(logits.device), reduction="sum")
 
 
-MODEL_KINDS: dict[str, Callable[..., Scorer]] = {}
+# eval-ppl's `model_kind`: "module:function" of a loader `(base_params, checkpoint) -> Scorer`,
+# imported only when asked for (as cli.COMMANDS), so a line of research adds one entry here.
+MODEL_KINDS: dict[str, str] = {
+    "hf": "newllm.ppl:load_hf_scorer",
+    "cvfp": "newllm.cvfp.scorer:load_cvfp_scorer",
+}
 # Architectures whose logits are exactly lm_head(decoder(x).last_hidden_state).
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 HEAD_CHUNK = 512  # scored positions per LM-head call: 512 x 49k float32 logits is 100 MB
 
 
-def register_model_kind(name: str) -> Callable:
-    """Decorator: `loader(base_params) -> Scorer` becomes eval-ppl's `model_kind: name`."""
-
-    def decorate(loader: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        MODEL_KINDS[name] = loader
-        return loader
-
-    return decorate
+def load_scorer(kind: str, base_params: Any, checkpoint: str | None) -> Scorer:
+    """The scorer of eval-ppl's `model_kind`, reading `checkpoint` for a trained kind."""
+    if kind not in MODEL_KINDS:
+        raise NewllmError(f"eval_ppl.model_kind '{kind}' is unknown; known kinds: "
+                          f"{', '.join(sorted(MODEL_KINDS))}.")
+    module, _, function = MODEL_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), function)(base_params, checkpoint)
 
 
 @dataclass
@@ -121,8 +131,10 @@ class HFScorer:
         return total
 
 
-@register_model_kind("hf")
-def load_hf_scorer(base_params: Any) -> HFScorer:
+def load_hf_scorer(base_params: Any, checkpoint: str | None) -> HFScorer:
+    if checkpoint is not None:
+        raise NewllmError(f"eval_ppl.checkpoint ({checkpoint}) is for trained model kinds; "
+                          "model_kind hf evaluates base.model itself, expected null.")
     return HFScorer.from_base(base_params.load(), base_params.separator_token)
 
 
@@ -206,9 +218,9 @@ class PplResult:
     tokens: int
     words: int
     bytes: int
-    windows: int
-    context_length: int
-    stride: int
+    windows: int  # 0 for a recurrent kind
+    context_length: int | None  # None: not applicable (a recurrent kind reads whole streams)
+    stride: int | None
 
     @property
     def token_ppl(self) -> float:
@@ -282,6 +294,21 @@ def sliding_window_nll(scorer: Scorer, streams: list[tuple[torch.Tensor, torch.T
 
 
 @torch.inference_mode()
+def recurrent_nll(scorer: Any, streams: list[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[float, int]:
+    """(nll, scored tokens) of a recurrent kind: each stream read whole, state carried."""
+    if not any(len(ids) > 1 for ids, _ in streams):
+        raise NewllmError("the evaluated text has fewer than 2 tokens; nothing to score.")
+    nll, scored = 0.0, 0
+    for ids, mask in progress(streams, desc="eval-ppl", unit="stream"):
+        loss = torch.as_tensor(scorer.stream_nll(ids, mask))
+        _check_finite(loss)
+        nll += float(loss)
+        scored += int(mask[1:].sum())  # position 0 (a separator) is never a target
+    return nll, scored
+
+
+@torch.inference_mode()
 def naive_sliding_window_nll(scorer: Scorer, stream: torch.Tensor, score_mask: torch.Tensor,
                              context_length: int, stride: int) -> tuple[float, int, int]:
     """The plain reference: one window at a time, full logits, target by target bookkeeping."""
@@ -308,6 +335,10 @@ def evaluate_ppl(scorer: Scorer, docs: list[torch.Tensor], texts: list[str], sep
                  naive: bool = False) -> PplResult:
     """Token PPL, word PPL and bits per byte of whole documents `docs` (with raw `texts`)."""
     streams = build_streams(docs, separator_id, documents)
+    if getattr(scorer, "stream_nll", None) is not None:
+        nll, tokens = recurrent_nll(scorer, streams)
+        return PplResult(nll, tokens, sum(count_words(t) for t in texts),
+                         sum(count_bytes(t) for t in texts), 0, None, None)
     if naive:
         check_window(context_length, stride, scorer.max_length)
         if not any(len(ids) > 1 for ids, _ in streams):

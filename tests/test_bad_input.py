@@ -129,6 +129,16 @@ def lamp2_question(profile: list) -> dict:
 def foreign_directions(cwd: Path, env: dict[str, Path]) -> None:
     """Chameleon directions made with the other tiny model, as dir.safetensors."""
     shutil.copy(env["chameleon_foreign"] / "dir.safetensors", cwd / "dir.safetensors")
+def cvfp_blocks(cwd: Path, env: dict[str, Path]) -> None:
+    """The tiny prepared data and phase-1 blocks made from it (`blocks.safetensors`)."""
+    shutil.copytree(env["prepared"], cwd / "prepared")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["phase1-context", "--model", str(env["model"]), "--data", str(cwd / "prepared"),
+              "--context-dim", "4", "--tokens-per-block", "50", "--val-tokens", "20",
+              "--max-iterations", "1", "--lipschitz-samples", "2",
+              "--out", str(cwd / "blocks.safetensors"), "--metrics", str(cwd / "p1.json"),
+              "--plots", str(cwd / "p1.csv")])
+    assert exit_info.value.code == 0
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -150,6 +160,14 @@ ESTIMATE = ("estimate-directions", "--model", "{model}", "--generations", "gen.s
             "--out", "dir.safetensors", "--metrics", "ed.json")
 EVALCHAM = ("eval-chameleon", "--model", "{model}", "--directions", "dir.safetensors",
             "--metrics", "ev.json", "--data", "dev_questions.json")
+PHASE1 = ("phase1-context", "--model", "{model}", "--data", "prepared", "--context-dim", "4",
+          "--tokens-per-block", "50", "--out", "b.safetensors", "--metrics", "p1.json",
+          "--plots", "p1.csv")
+PREP = ("phase2-prep-cache", "--model", "{model}", "--data", "prepared", "--blocks",
+        "blocks.safetensors", "--train-tokens", "60", "--out", "cache", "--metrics", "pc.json")
+PHASE2 = ("phase2-token", "--model", "{model}", "--blocks", "blocks.safetensors", "--cache",
+          "cache", "--max-train-tokens", "40", "--max-val-tokens", "20", "--out",
+          "lm.safetensors", "--metrics", "p2.json", "--plots", "p2.csv")
 WIKI = "summaries_en-us.json"
 NOT_UTF8 = "Caf\xe9 au lait in Paris.\n\nA second paragraph here.\n".encode("latin-1")
 
@@ -338,6 +356,26 @@ CASES = [
     Case("chameleon-directions-wrong-kind", EVALCHAM,
          copy_from_foreign("pairs/layer2/pairs.safetensors", "dir.safetensors"),
          ("is a 'hidden-embedding-pairs' artifact, expected 'chameleon-directions'",)),
+    # CVFP
+    Case("phase1-layer-counts-differ", (*PHASE1, "--context-layers", "2", "--token-layers", "1"),
+         prepared(), ("phase1.context_layers (2) must equal phase1.token_layers (1)",)),
+    Case("phase1-too-few-train-tokens", (*PHASE1, "--tokens-per-block", "100000000"),
+         prepared(), ("phase1 needs 2 x 100000000", "lower phase1.tokens_per_block")),
+    Case("prep-cache-blocks-wrong-kind", (*PREP, "--blocks", "pairs.safetensors"),
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "pairs.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact", "cvfp-context-blocks")),
+    Case("phase2-cache-missing", PHASE2, cvfp_blocks,
+         ("cache/index.json does not exist", "phase2-prep-cache")),
+    Case("phase2-tied-head-with-trained-embeddings", (*PHASE2, "--freeze-embeddings", "false"),
+         cvfp_blocks, ("phase2_token.head tied_frozen", "use head: trainable")),
+    Case("cvfp-grid-unknown-config", ("cvfp-grid", "--model", "{model}", "--configs",
+                                      "blocks2_500,nope", "--metrics", "g.json", "--plots",
+                                      "g.csv"), None,
+         ("cvfp_grid.configs: unknown configuration 'nope'",)),
+    Case("eval-ppl-cvfp-without-checkpoint", (*EVAL, "--model-kind", "cvfp"), prepared(),
+         ("eval_ppl.checkpoint is null", "model_kind cvfp")),
+    Case("eval-ppl-hf-with-checkpoint", (*EVAL, "--checkpoint", "x.safetensors"), prepared(),
+         ("eval_ppl.checkpoint (x.safetensors) is for trained model kinds",)),
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),
@@ -351,7 +389,8 @@ def test_the_matrix_is_wide():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
     assert {"prepare-data", "eval-ppl", "extract-pairs", "train-converter", "converter-report",
             "demo-recursive", "fetch-assets", "self-generate", "estimate-directions",
-            "eval-chameleon"} <= stages
+            "eval-chameleon", "phase1-context", "phase2-prep-cache", "phase2-token",
+            "cvfp-grid"} <= stages
 
 
 @pytest.fixture(scope="module")
@@ -405,6 +444,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case: Case, run_cli, tmp_path,
     if case.setup is not None:
         # setups made by prepared() / copy_from_foreign() need that fixture's folder
         needs = {"prepared": ("prepared", "prepared_tiny"),
+                 "cvfp_blocks": ("prepared", "prepared_tiny"),
                  "copy_from_foreign": ("foreign", "foreign"),
                  "foreign_directions": ("chameleon_foreign", "chameleon_foreign")}.get(
             case.setup.__qualname__.split(".")[0])

@@ -52,6 +52,13 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["per_layer"]["layers"] = [1, 2]
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
+    params["phase1"].update(context_dim=8, tokens_per_block=200, val_tokens=50, batch_size=64,
+                            max_iterations=2, lipschitz_samples=4)
+    params["phase2_prep_cache"].update(train_tokens=400, chunk_tokens=128)
+    params["phase2_token"].update(max_train_tokens=400, max_val_tokens=100, epochs=1,
+                                  batch_size=32)
+    params["cvfp_grid"].update(configs="blocks2_500,inherit", phase1_tokens=200,
+                               max_iterations=1, train_tokens=300, val_tokens=100)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
     # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs

@@ -255,3 +255,38 @@ def test_hf_fast_path_equals_the_plain_logits_path(tiny):
                                         abs=1e-9)
     labels[1, 3] = (labels[1, 3] + 1) % 300  # and it does depend on every scored label
     assert scorer.summed_nll(inputs, 12, labels).item() != pytest.approx(fast.item(), abs=1e-9)
+
+
+class WholeStreamScorer:
+    """A recurrent-style kind over the tiny model: reads each stream in one forward pass."""
+
+    def __init__(self, scorer: HFScorer):
+        self.inner = scorer
+        self.device, self.info = scorer.device, scorer.info
+        self.separator_id, self.separator_token = scorer.separator_id, scorer.separator_token
+        self.max_length = None
+        self.calls = 0
+
+    def logits(self, input_ids, keep):
+        raise AssertionError("a kind with stream_nll is never windowed")
+
+    def stream_nll(self, ids, mask):
+        self.calls += 1
+        logits = self.inner.model(input_ids=ids[None]).logits[0, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+        return float(nll[mask[1:]].sum())
+
+
+@pytest.mark.parametrize("documents", ["separate", "stream"])
+def test_recurrent_kind_reads_whole_streams_and_counts_like_the_windows(tiny, documents):
+    _, scorer, docs, sep = tiny
+    recurrent = WholeStreamScorer(scorer)
+    result = evaluate_ppl(recurrent, docs, TEXTS, sep, 8, 4, 2, documents)
+    # one window as long as the whole stream reads exactly what the recurrence reads
+    longest = sum(len(d) + 1 for d in docs)
+    windowed = evaluate_ppl(scorer, docs, TEXTS, sep, longest, longest, 1, documents)
+    assert recurrent.calls == (len(docs) if documents == "separate" else 1)
+    assert (result.windows, result.context_length, result.stride) == (0, None, None)
+    assert result.tokens == windowed.tokens == sum(len(d) for d in docs)
+    assert result.nll == pytest.approx(windowed.nll, rel=1e-7)
+    assert result.word_ppl == pytest.approx(windowed.word_ppl, rel=1e-6)

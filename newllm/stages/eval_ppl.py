@@ -10,15 +10,18 @@ from newllm.artifacts import write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.data import SPLITS, load_split
-from newllm.errors import NewllmError
 from newllm.params import param
-from newllm.ppl import DOCUMENT_MODES, MODEL_KINDS, check_window, evaluate_ppl
+from newllm.ppl import DOCUMENT_MODES, MODEL_KINDS, check_window, evaluate_ppl, load_scorer
 
 
 @dataclass
 class EvalPplParams:
     group = "eval_ppl"
-    model_kind: str = param("hf", "Model kind to evaluate (hf = the base causal LM).")
+    model_kind: str = param("hf", "Model kind to evaluate: hf = the base causal LM; the "
+                            "others are trained models read from `checkpoint`.",
+                            choices=tuple(MODEL_KINDS))
+    checkpoint: str | None = param(None, "Trained model artifact of a model kind other than "
+                                   "hf (null for hf).")
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
     split: str = param("val", "Split to evaluate.", choices=SPLITS)
     context_length: int = param(512, "Tokens per window.", min=2)
@@ -44,10 +47,7 @@ class EvalPplParams:
                     "(as lm-evaluation-harness) or as one stream. Reports token PPL, word PPL "
                     "and bits per byte.")
 def eval_ppl(base: BaseParams, params: EvalPplParams) -> None:
-    if params.model_kind not in MODEL_KINDS:
-        raise NewllmError(f"eval_ppl.model_kind '{params.model_kind}' is unknown; known kinds: "
-                          f"{', '.join(sorted(MODEL_KINDS))}.")
-    scorer = MODEL_KINDS[params.model_kind](base)
+    scorer = load_scorer(params.model_kind, base, params.checkpoint)
     split = load_split(params.data, params.split, base=scorer.info.tokenizer_only())
     docs, texts = split.documents(params.max_tokens)
     result = evaluate_ppl(scorer, docs, texts, scorer.separator_id, params.context_length,
@@ -58,13 +58,15 @@ def eval_ppl(base: BaseParams, params: EvalPplParams) -> None:
         "bytes": result.bytes, "documents": len(docs), "windows": result.windows,
         "documents_mode": params.documents, "separator_token": scorer.separator_token,
         "separator_token_id": scorer.separator_id,
-        "context_length": params.context_length, "stride": params.stride,
+        "context_length": result.context_length, "stride": result.stride,
         "split": params.split, "model_kind": params.model_kind, "model_id": scorer.info.model_id,
+        "checkpoint": params.checkpoint,
     }
     write_metrics(params.metrics, metrics)
     click.echo(f"{params.split}: token PPL {result.token_ppl:.4f}, word PPL "
                f"{result.word_ppl:.4f}, bits/byte {result.bits_per_byte:.4f} "
                f"({result.tokens} tokens, {len(docs)} documents "
                f"{'scored separately' if params.documents == 'separate' else 'as one stream'} "
-               f"after {scorer.separator_token}, context {params.context_length}, stride "
-               f"{params.stride})")
+               f"after {scorer.separator_token}, "
+               + ("read whole by the recurrence)" if result.context_length is None else
+                  f"context {params.context_length}, stride {params.stride})"))
