@@ -113,6 +113,34 @@ def report_metrics(topk: int = 3, drop: str | None = None) -> dict[str, object]:
     return metrics
 
 
+def lamp2(questions: list, golds: list) -> Setup:
+    """A LaMP-2 questions file and its outputs file beside it."""
+    def setup(cwd: Path, _env: dict[str, Path]) -> None:
+        (cwd / "dev_questions.json").write_text(json.dumps(questions))
+        (cwd / "dev_outputs.json").write_text(json.dumps({"golds": golds}))
+    return setup
+
+
+def lamp2_question(profile: list) -> dict:
+    return {"id": "7", "input": "Which tag? tags: [comedy, classic] description: A film.",
+            "profile": profile}
+
+
+def foreign_directions(cwd: Path, env: dict[str, Path]) -> None:
+    """Chameleon directions made with the other tiny model, as dir.safetensors."""
+    shutil.copy(env["chameleon_foreign"] / "dir.safetensors", cwd / "dir.safetensors")
+def cvfp_blocks(cwd: Path, env: dict[str, Path]) -> None:
+    """The tiny prepared data and phase-1 blocks made from it (`blocks.safetensors`)."""
+    shutil.copytree(env["prepared"], cwd / "prepared")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["phase1-context", "--model", str(env["model"]), "--data", str(cwd / "prepared"),
+              "--context-dim", "4", "--tokens-per-block", "50", "--val-tokens", "20",
+              "--max-iterations", "1", "--lipschitz-samples", "2",
+              "--out", str(cwd / "blocks.safetensors"), "--metrics", str(cwd / "p1.json"),
+              "--plots", str(cwd / "p1.csv")])
+    assert exit_info.value.code == 0
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 PREPARE = ("prepare-data", "--model", "{model}", "--out", "prepared", "--metrics", "m.json")
@@ -134,6 +162,20 @@ MEMORY = ("eval-memory", "--model", "{model}", "--checkpoint", "lm.safetensors",
           "prepared", "--metrics", "mem.json", "--plot", "mem.csv")
 INFINI_REPORT = ("infini-report", "--metrics-dir", "im", "--base-ppl", "ppl.json",
                  "--metrics", "ir.json")
+SELFGEN = ("self-generate", "--model", "{model}", "--out", "gen.safetensors", "--metrics",
+           "sg.json")
+ESTIMATE = ("estimate-directions", "--model", "{model}", "--generations", "gen.safetensors",
+            "--out", "dir.safetensors", "--metrics", "ed.json")
+EVALCHAM = ("eval-chameleon", "--model", "{model}", "--directions", "dir.safetensors",
+            "--metrics", "ev.json", "--data", "dev_questions.json")
+PHASE1 = ("phase1-context", "--model", "{model}", "--data", "prepared", "--context-dim", "4",
+          "--tokens-per-block", "50", "--out", "b.safetensors", "--metrics", "p1.json",
+          "--plots", "p1.csv")
+PREP = ("phase2-prep-cache", "--model", "{model}", "--data", "prepared", "--blocks",
+        "blocks.safetensors", "--train-tokens", "60", "--out", "cache", "--metrics", "pc.json")
+PHASE2 = ("phase2-token", "--model", "{model}", "--blocks", "blocks.safetensors", "--cache",
+          "cache", "--max-train-tokens", "40", "--max-val-tokens", "20", "--out",
+          "lm.safetensors", "--metrics", "p2.json", "--plots", "p2.csv")
 WIKI = "summaries_en-us.json"
 NOT_UTF8 = "Caf\xe9 au lait in Paris.\n\nA second paragraph here.\n".encode("latin-1")
 
@@ -333,6 +375,52 @@ CASES = [
          prepared(), ("is a 'prepared-split' artifact, expected 'infini-lm'",)),
     Case("infini-report-metrics-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
          ("im/eval_reversal.json does not exist",)),
+    # chameleon: self-generate, estimate-directions, eval-chameleon
+    Case("chameleon-gold-tag-unknown", (*SELFGEN, "--data", "dev_questions.json"),
+         lamp2([lamp2_question([{"id": "1", "description": "d", "tag": "comedy"}])],
+               [{"id": "7", "output": "horror"}]),
+         ("dev_outputs.json", "gold of question 7 is 'horror'", "not one of the task's tags")),
+    Case("chameleon-empty-profile", (*SELFGEN, "--data", "dev_questions.json"),
+         lamp2([lamp2_question([])], [{"id": "7", "output": "comedy"}]),
+         ("dev_questions.json", "question 7 has an empty profile")),
+    Case("chameleon-template-without-profile",
+         (*SELFGEN, "--personalized-template", "Guess: {{question}}"), None,
+         ("self_generate.personalized_template has no {profile} placeholder",)),
+    Case("chameleon-data-neither", (*SELFGEN, "--data", "notes.txt"), write("notes.txt", "x"),
+         ("chameleon_data.data 'notes.txt' is neither a MovieLens folder",)),
+    Case("chameleon-layer-out-of-range", (*ESTIMATE, "--target-layers", "2"), None,
+         ("estimate_directions.target_layers: layer 2 is out of range",
+          "decoder layer index in [-2, 1]")),
+    Case("chameleon-module-path-unknown",
+         (*ESTIMATE, "--target-layers", "model.layers.0.attn_out"), None,
+         ("estimate_directions.target_layers", "no module 'model.layers.0.attn_out'")),
+    Case("chameleon-generations-missing", (*ESTIMATE, "--target-layers", "1"), None,
+         ("gen.safetensors does not exist",)),
+    Case("chameleon-directions-from-another-model", EVALCHAM, foreign_directions,
+         ("dir.safetensors", "was made with base model")),
+    Case("chameleon-directions-wrong-kind", EVALCHAM,
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "dir.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact, expected 'chameleon-directions'",)),
+    # CVFP
+    Case("phase1-layer-counts-differ", (*PHASE1, "--context-layers", "2", "--token-layers", "1"),
+         prepared(), ("phase1.context_layers (2) must equal phase1.token_layers (1)",)),
+    Case("phase1-too-few-train-tokens", (*PHASE1, "--tokens-per-block", "100000000"),
+         prepared(), ("phase1 needs 2 x 100000000", "lower phase1.tokens_per_block")),
+    Case("prep-cache-blocks-wrong-kind", (*PREP, "--blocks", "pairs.safetensors"),
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "pairs.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact", "cvfp-context-blocks")),
+    Case("phase2-cache-missing", PHASE2, cvfp_blocks,
+         ("cache/index.json does not exist", "phase2-prep-cache")),
+    Case("phase2-tied-head-with-trained-embeddings", (*PHASE2, "--freeze-embeddings", "false"),
+         cvfp_blocks, ("phase2_token.head tied_frozen", "use head: trainable")),
+    Case("cvfp-grid-unknown-config", ("cvfp-grid", "--model", "{model}", "--configs",
+                                      "blocks2_500,nope", "--metrics", "g.json", "--plots",
+                                      "g.csv"), None,
+         ("cvfp_grid.configs: unknown configuration 'nope'",)),
+    Case("eval-ppl-cvfp-without-checkpoint", (*EVAL, "--model-kind", "cvfp"), prepared(),
+         ("eval_ppl.checkpoint is null", "model_kind cvfp")),
+    Case("eval-ppl-hf-with-checkpoint", (*EVAL, "--checkpoint", "x.safetensors"), prepared(),
+         ("eval_ppl.checkpoint (x.safetensors) is for trained model kinds",)),
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),
@@ -346,7 +434,8 @@ def test_the_matrix_is_wide():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
     assert {"prepare-data", "eval-ppl", "extract-pairs", "train-converter", "converter-report",
             "demo-recursive", "fetch-assets", "train-lm", "eval-reversal", "eval-memory",
-            "infini-report"} <= stages
+            "infini-report", "self-generate", "estimate-directions", "eval-chameleon",
+            "phase1-context", "phase2-prep-cache", "phase2-token", "cvfp-grid"} <= stages
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +455,27 @@ def foreign(other_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
+@pytest.fixture(scope="module")
+def chameleon_foreign(other_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Chameleon directions made with the other tiny model (another tokenizer and weights)."""
+    from chameleon_helpers import make_mini_movielens
+
+    folder = tmp_path_factory.mktemp("chameleon-foreign")
+    make_mini_movielens(folder / "ml-mini")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        for args in (("self-generate", "--model", str(other_tiny_model), "--data", "ml-mini",
+                      "--num-direction-users", "3", "--num-eval-users", "3",
+                      "--max-new-tokens", "2", "--out", "gen.safetensors", "--metrics", "sg.json"),
+                     ("estimate-directions", "--model", str(other_tiny_model), "--generations",
+                      "gen.safetensors", "--target-layers", "1", "--out", "dir.safetensors",
+                      "--metrics", "ed.json")):
+            with pytest.raises(SystemExit) as exit_info:
+                main(list(args))
+            assert exit_info.value.code == 0
+    return folder
+
+
 def _tree(folder: Path) -> dict[str, bytes | None]:
     """Every path under `folder` with a file's bytes (None for a folder)."""
     return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
@@ -379,7 +489,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case: Case, run_cli, tmp_path,
     if case.setup is not None:
         # setups made by prepared() / copy_from_foreign() need that fixture's folder
         needs = {"prepared": ("prepared", "prepared_tiny"),
-                 "copy_from_foreign": ("foreign", "foreign")}.get(
+                 "cvfp_blocks": ("prepared", "prepared_tiny"),
+                 "copy_from_foreign": ("foreign", "foreign"),
+                 "foreign_directions": ("chameleon_foreign", "chameleon_foreign")}.get(
             case.setup.__qualname__.split(".")[0])
         if needs is not None:
             env[needs[0]] = request.getfixturevalue(needs[1])

@@ -172,37 +172,43 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
     _register()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    reference = r"""['"]?\$\{([a-z0-9_]+)\.([a-z0-9_]+)\}['"]?"""
     for name, stage in stages.items():
         command = cli.commands[stage["cmd"].split()[1]]  # `newllm <command> ...`
         # each option's help names its params key: "[params: group.key; ...]"
-        option_groups = {o.name.replace("_", "-"): re.search(r"\[params: ([a-z_]+)\.", o.help)[1]
+        option_groups = {o.name.replace("_", "-"):
+                         re.search(r"\[params: ([a-z0-9_]+)\.", o.help)[1]
                          for o in command.params if o.name != "help"}
-        passed = re.findall(r"--([a-z-]+) \"?\$\{([a-z_]+)\.([a-z_]+)\}\"?(?=\s|$)", stage["cmd"])
-        # a literal value (`--model-kind infini-lm`, `--out artifacts/${item.kind}/x`): a stage
-        # run of a command with one option fixed; the option still has a params.yaml key
-        literal = [flag for flag, value in re.findall(r"--([a-z-]+) (\S+)", stage["cmd"])
-                   if not re.fullmatch(r"\"?\$\{[a-z_]+\.[a-z_]+\}\"?", value)]
-        for flag in literal:
-            assert flag in option_groups, (name, flag)
-            assert flag.replace("-", "_") in params[option_groups[flag]], (name, flag)
-        passed += [(flag, option_groups[flag], flag.replace("-", "_")) for flag in literal]
+        flags = re.findall(r"--([a-z0-9-]+) (\S+)", stage["cmd"])
+        # `--flag ${group.key}` (quoted for free text); any other value is a literal: a stage
+        # running a command in one fixed setting (`--model-kind cvfp`, `--out a/${item.k}/x`)
+        passed, literal = [], []
+        for flag, value in flags:
+            match = re.fullmatch(reference, value)
+            (passed.append((flag, *match.groups())) if match else literal.append(flag))
         # a whole group, `${per_layer}`, is how DVC passes a list: `--layers 1 15 30`
         words = stage["cmd"].split()
         groups = [m[1] for before, word in itertools.pairwise(words)
-                  if (m := re.fullmatch(r"\$\{([a-z_]+)\}", word))
+                  if (m := re.fullmatch(r"\$\{([a-z0-9_]+)\}", word))
                   and not before.startswith("--")]
         passed += [(key.replace("_", "-"), group, key) for group in groups
                    for key in params[group]]
-        assert {flag for flag, _, _ in passed} == set(option_groups), name
-        assert len(passed) == len(re.findall(r"--", stage["cmd"])) + sum(
+        assert {flag for flag, _, _ in passed} | set(literal) == set(option_groups), name
+        assert len(passed) + len(literal) == len(re.findall(r"--", stage["cmd"])) + sum(
             len(params[group]) for group in groups), name
+        for flag in literal:  # a fixed option still has its params.yaml key
+            assert flag.replace("-", "_") in params[option_groups[flag]], (name, flag)
         for flag, group, key in passed:
-            assert flag == key.replace("_", "-"), (name, flag, key)
             if group == "item":
                 # a matrix/foreach value: it must be one of the stage's iteration keys, and
                 # the option still has a params.yaml entry (the default of a run by hand)
+                assert flag == key.replace("_", "-"), (name, flag, key)
                 assert key in (stage.get("matrix") or {}) or "foreach" in stage, (name, key)
                 group = option_groups[flag]
+            elif flag != key.replace("_", "-"):
+                # another stage's output as this stage's input (eval-ppl's --checkpoint)
+                assert key in params[group], (name, flag, group, key)
+                continue
             assert key in params[group], (name, group, key)
 
 

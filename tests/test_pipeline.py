@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chameleon_helpers import make_mini_movielens
 from conftest import REPO
 from test_report import PNG_MAGIC, assert_printed, row_key
 
@@ -62,8 +63,22 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["eval_reversal"].update(max_pairs=8, distractors=2)
     params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers="0,2",
                                  passkey_trials=2)
+    params["phase1"].update(context_dim=8, tokens_per_block=200, val_tokens=50, batch_size=64,
+                            max_iterations=2, lipschitz_samples=4)
+    params["phase2_prep_cache"].update(train_tokens=400, chunk_tokens=128)
+    params["phase2_token"].update(max_train_tokens=400, max_val_tokens=100, epochs=1,
+                                  batch_size=32)
+    params["cvfp_grid"].update(configs="blocks2_500,inherit", phase1_tokens=200,
+                               max_iterations=1, train_tokens=300, val_tokens=100)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
+    # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs
+    movielens = make_mini_movielens(Path(tiny_model).parent / "ml-mini")
+    params["chameleon_data"].update(data=str(movielens), num_direction_users=3,
+                                    num_eval_users=4, max_profile_items=4, min_profile_items=3)
+    params["self_generate"].update(max_new_tokens=3)
+    params["estimate_directions"]["target_layers"] = "0,1"
+    params["eval_chameleon"].update(max_new_tokens=2, bootstrap=20, sweep_alphas="1.2")
     return params
 
 

@@ -1,0 +1,215 @@
+"""Phase 1: train each ContextBlock so its contexts are diverse and near a fixed point.
+
+The seeds' recipe (seeds/001, seeds/003), per block, on that block's own token slice:
+
+- iteration 0 (`init: sequential`): one sequential pass of the untrained block from its
+  initial context, no learning; its contexts are `previous` (`init: noise`: small noise);
+- iterations 1..max_iterations, the parallel shifted-previous-context iteration: every
+  position t reads `previous[t-1]` (position 0 reads the initial context) and its own
+  embedding, all at once in batches of `batch_size` positions; loss, optimizer step, and
+  the new contexts (detached) become `previous`. Contexts are carried from one iteration to
+  the next, never reset (seeds/001 "Bug 2").
+
+Loss = cvfp_weight * MSE(new, target) + diversity_weight * diversity(new), with target =
+`previous` (the seeds' loss code) or `first` (the iteration-0 contexts held fixed, their
+"Bug 1" note), and diversity over a batch X [n, d] (mu its mean row, ||.|| Frobenius):
+  dispersion = -||X - mu|| / n                       (seeds/001)
+  oacd       = -||X - mu|| / n + centroid_weight * ||mu||^2   (seeds/003)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from newllm.cvfp.model import CVFPLM, ContextBlock
+from newllm.cvfp.recurrence import block_contexts
+from newllm.errors import NewllmError
+from newllm.runtime import progress
+
+INITS = ("sequential", "noise")
+DIVERSITIES = ("oacd", "dispersion")
+CVFP_TARGETS = ("previous", "first")
+BLOCK_DATA = ("split", "all")
+INIT_CONTEXTS = ("zeros", "inherit")
+
+
+@dataclass(frozen=True)
+class Phase1Config:
+    max_iterations: int = 10
+    batch_size: int = 8192  # positions per optimizer step (seeds/003's out-of-memory fix)
+    lr: float = 1e-3
+    init: str = "sequential"
+    diversity: str = "oacd"
+    centroid_weight: float = 0.1
+    cvfp_weight: float = 0.0
+    diversity_weight: float = 1.0
+    cvfp_target: str = "previous"
+    convergence_threshold: float = 0.1
+    convergence_target: float = 0.95
+    lipschitz_samples: int = 64
+
+
+def diversity_loss(contexts: torch.Tensor, kind: str, centroid_weight: float) -> torch.Tensor:
+    """contexts [n, d] -> dispersion or OACD (see the module docstring)."""
+    mean = contexts.mean(dim=0)
+    dispersion = -torch.linalg.norm(contexts - mean) / len(contexts)
+    if kind == "dispersion":
+        return dispersion
+    return dispersion + centroid_weight * mean.pow(2).sum()
+
+
+def effective_rank(matrix: torch.Tensor) -> tuple[float, int, float]:
+    """exp(entropy of the normalized singular values) of [n, d]: (value, d, percent of d)."""
+    singular = torch.linalg.svdvals(matrix.double())
+    p = singular / singular.sum()
+    p = p[p > 0]
+    value = math.exp(float(-(p * p.log()).sum()))
+    return value, matrix.shape[1], 100.0 * value / matrix.shape[1]
+
+
+def lipschitz_estimate(fn: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor,
+                       generator: torch.Generator, iterations: int = 30) -> tuple[float, float]:
+    """Largest singular value of the Jacobian of a row-wise map `fn` at each row of `states`
+    [n, d], by power iteration on J^T J: (max over rows, mean over rows)."""
+    states = states.detach()
+    vectors = torch.randn(states.shape, generator=generator, dtype=states.dtype)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    sigma = torch.zeros(len(states))
+    for _ in range(iterations):
+        _, pullback = torch.func.vjp(fn, states)
+        jv = torch.func.jvp(fn, (states,), (vectors,))[1]  # J v, row by row
+        sigma = jv.detach().norm(dim=1)
+        (jtjv,) = pullback(jv)
+        vectors = jtjv / jtjv.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return float(sigma.max()), float(sigma.mean())
+
+
+def shifted(previous: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """What each position reads: [initial, previous[:-1]]."""
+    return torch.cat([initial[None], previous[:-1]])
+
+
+def check_phase1_config(config: Phase1Config) -> None:
+    for name, value, allowed in (("init", config.init, INITS),
+                                 ("diversity", config.diversity, DIVERSITIES),
+                                 ("cvfp_target", config.cvfp_target, CVFP_TARGETS)):
+        if value not in allowed:
+            raise NewllmError(f"phase1.{name} must be one of {', '.join(allowed)}, got "
+                              f"{value!r}.")
+
+
+def train_block(block: ContextBlock, embeddings: torch.Tensor, val_embeddings: torch.Tensor,
+                config: Phase1Config, generator: torch.Generator,
+                desc: str = "phase1") -> tuple[list[dict[str, float]], torch.Tensor]:
+    """Train `block` in place on normalized embeddings [N, E] of its slice.
+
+    Returns one record per iteration (0 = before any step) and the last contexts [N, d].
+    Validation figures use the exact sequential contexts of `val_embeddings` [M, E].
+    """
+    check_phase1_config(config)
+    initial = block.initial_context
+    if config.init == "sequential":
+        previous = block_contexts(block, embeddings, initial)
+    else:
+        previous = 0.01 * torch.randn(len(embeddings), block.context_dim, generator=generator)
+    first = previous
+    optimizer = torch.optim.Adam(block.parameters(), lr=config.lr)
+    records = [validation_record(block, 0, val_embeddings, config, generator)]
+    for iteration in progress(range(1, config.max_iterations + 1), desc=desc, unit="iter"):
+        inputs = shifted(previous, initial)
+        new = torch.empty_like(previous)
+        sums = {"cvfp_loss": 0.0, "diversity_loss": 0.0, "loss": 0.0}
+        batches = range(0, len(embeddings), config.batch_size)
+        for start in batches:
+            rows = slice(start, start + config.batch_size)
+            out = block(inputs[rows], embeddings[rows])
+            target = (previous if config.cvfp_target == "previous" else first)[rows]
+            cvfp = F.mse_loss(out, target)
+            diversity = diversity_loss(out, config.diversity, config.centroid_weight)
+            loss = config.cvfp_weight * cvfp + config.diversity_weight * diversity
+            if not torch.isfinite(loss):
+                raise NewllmError(f"the phase-1 loss became {float(loss)} at iteration "
+                                  f"{iteration}; lower phase1.lr ({config.lr}).")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            new[rows] = out.detach()
+            for key, value in (("cvfp_loss", cvfp), ("diversity_loss", diversity),
+                               ("loss", loss)):
+                sums[key] += float(value.detach()) / len(batches)
+        token_mse = (new - previous).pow(2).mean(dim=1)
+        converged = float((token_mse < config.convergence_threshold).float().mean())
+        previous = new  # carried into the next iteration, never reset
+        record = validation_record(block, iteration, val_embeddings, config, generator)
+        records.append({**record, **sums, "convergence_rate": converged})
+        if converged >= config.convergence_target:
+            break
+    return records, previous
+
+
+@torch.no_grad()
+def validation_record(block: ContextBlock, iteration: int, val_embeddings: torch.Tensor,
+                      config: Phase1Config, generator: torch.Generator) -> dict[str, float]:
+    """Effective rank of the exact val contexts and the Lipschitz estimate at sampled ones."""
+    contexts = block_contexts(block, val_embeddings, block.initial_context)
+    value, dims, percent = effective_rank(contexts)
+    picks = torch.randperm(len(contexts), generator=generator)[:config.lipschitz_samples]
+    previous = shifted(contexts, block.initial_context)[picks]
+    with torch.enable_grad():
+        lip_max, lip_mean = lipschitz_estimate(lambda c: block(c, val_embeddings[picks]),
+                                               previous, generator)
+    return {"iteration": iteration, "val_effective_rank": value, "val_rank_dims": dims,
+            "val_effective_rank_percent": percent, "lipschitz_max": lip_max,
+            "lipschitz_mean": lip_mean, "val_context_norm": float(contexts.norm(dim=1).mean())}
+
+
+def block_slices(num_blocks: int, tokens_per_block: int, block_data: str,
+                 available: int) -> list[slice]:
+    """Each block's training tokens: its own slice [i*n, (i+1)*n) (`split`, the seeds'
+    finding), or all of [0, num_blocks*n) for every block (`all`, their ablation)."""
+    if block_data not in BLOCK_DATA:
+        raise NewllmError(f"phase1.block_data must be one of {', '.join(BLOCK_DATA)}, got "
+                          f"{block_data!r}.")
+    needed = num_blocks * tokens_per_block
+    if needed > available:
+        raise NewllmError(f"phase1 needs {num_blocks} x {tokens_per_block} = {needed} train "
+                          f"tokens but the train split has {available}; lower "
+                          "phase1.tokens_per_block.")
+    if block_data == "all":
+        return [slice(0, needed)] * num_blocks
+    return [slice(i * tokens_per_block, (i + 1) * tokens_per_block) for i in range(num_blocks)]
+
+
+def train_context_blocks(model: CVFPLM, train_ids: torch.Tensor, val_ids: torch.Tensor,
+                         config: Phase1Config, *, tokens_per_block: int, block_data: str,
+                         init_context: str, generator: torch.Generator
+                         ) -> list[dict[str, float]]:
+    """Phase 1 for every block of `model` in turn; one record per block and iteration.
+
+    `init_context: inherit` starts block i (in training and at the start of every stream)
+    from block i-1's last training context instead of zeros (seeds/003's ablation)."""
+    if init_context not in INIT_CONTEXTS:
+        raise NewllmError(f"phase1.init_context must be one of {', '.join(INIT_CONTEXTS)}, "
+                          f"got {init_context!r}.")
+    slices = block_slices(model.config.num_blocks, tokens_per_block, block_data,
+                          len(train_ids))
+    with torch.no_grad():
+        val_embeddings = model.embed(val_ids)
+    records, carried = [], None
+    for number, (block, rows) in enumerate(zip(model.context_blocks, slices, strict=True)):
+        if init_context == "inherit" and carried is not None:
+            if block.context_dim != len(carried):
+                raise NewllmError("phase1.init_context inherit needs equal context_dim.")
+            block.initial_context.copy_(carried)
+        with torch.no_grad():
+            embeddings = model.embed(train_ids[rows])
+        history, last = train_block(block, embeddings, val_embeddings, config, generator,
+                                    desc=f"phase1 block {number}")
+        carried = last[-1].detach()
+        records += [{"block": number, **record} for record in history]
+    return records

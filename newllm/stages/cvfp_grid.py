@@ -1,0 +1,79 @@
+"""cvfp-grid: seeds/003's configuration table and ablations at one shared token budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from newllm.artifacts import write_csv, write_metrics
+from newllm.base import BaseParams
+from newllm.cli import stage_command
+from newllm.cvfp.checkpoint import token_stream
+from newllm.cvfp.grid import GRID, Budget, run_config
+from newllm.errors import NewllmError
+from newllm.params import param
+from newllm.runtime import seed_everything
+from newllm.tokens import separator_token_id
+
+
+@dataclass
+class CvfpGridParams:
+    group = "cvfp_grid"
+    data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
+    configs: str = param(",".join(GRID), "Comma-separated configurations to run, of: "
+                         + ", ".join(GRID) + ".")
+    phase1_tokens: int = param(6000, "Phase-1 train tokens per configuration (shared among "
+                               "its blocks).", min=2)
+    max_iterations: int = param(5, "Phase-1 parallel iterations.", min=1)
+    train_tokens: int = param(12000, "Phase-2 train tokens per configuration.", min=2)
+    val_tokens: int = param(3000, "Val tokens for phase-1 ranks and phase-2 PPL.", min=2)
+    epochs: int = param(1, "Phase-2 epochs.", min=1)
+    batch_size: int = param(256, "Phase-2 positions per step.", min=1)
+    lr: float = param(1e-3, "Phase-2 Adam learning rate.", min=1e-12)
+    seed: int = param(0, "Seed of every configuration.", min=0)
+    metrics: str = param("metrics/cvfp/grid.json", "Metrics JSON: <config>_val_ppl, ...")
+    plots: str = param("plots/cvfp/grid.csv", "One row per configuration (CSV).")
+
+
+COLUMNS = ["val_ppl", "val_accuracy", "seed_val_ppl", "seed_val_accuracy",
+           "val_effective_rank_percent", "lipschitz_max", "context_dims", "seconds"]
+
+
+@stage_command("cvfp-grid", BaseParams, CvfpGridParams,
+               help="CVFP: rerun seeds/003's configuration table (blocks x layers x width) and "
+                    "its ablations (inherited contexts, all data per block, trained "
+                    "embeddings, no context norm) at one token budget; val PPL and accuracy "
+                    "beside the seed's figures.")
+def cvfp_grid(base_params: BaseParams, params: CvfpGridParams) -> None:
+    names = [name.strip() for name in params.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GRID]
+    if unknown or not names:
+        given = unknown[0] if unknown else params.configs
+        raise NewllmError(f"cvfp_grid.configs: unknown configuration '{given}'; expected a "
+                          f"comma-separated list of {', '.join(GRID)}.")
+    base = base_params.load()
+    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    separator = separator_token_id(base.tokenizer, base_params.separator_token)
+    seed_everything(params.seed)
+    data = base.info.tokenizer_only()
+    budget = Budget(params.phase1_tokens, params.train_tokens, params.val_tokens,
+                    params.epochs, params.batch_size, params.lr, params.max_iterations)
+    train_ids = token_stream(params.data, "train", separator, data,
+                             max(params.phase1_tokens, params.train_tokens))
+    val_ids = token_stream(params.data, "val", separator, data, params.val_tokens)
+    results = {}
+    for name in names:
+        results[name] = run_config(name, embeddings, train_ids, val_ids, separator, budget,
+                                   params.seed, base.device)
+        r = results[name]
+        click.echo(f"{name}: val PPL {r['val_ppl']:.1f} (seed {r['seed_val_ppl']}), val "
+                   f"accuracy {100 * r['val_accuracy']:.2f}%, {r['seconds']:.0f} s")
+    write_metrics(params.metrics, {
+        "phase1_tokens": params.phase1_tokens, "train_tokens": params.train_tokens,
+        "val_tokens": params.val_tokens, "epochs": params.epochs,
+        **{f"{name}__{key}": value for name, r in results.items() for key, value in r.items()
+           if value is not None},  # the seed gives no figure
+    })
+    write_csv(params.plots, ["config", *COLUMNS],
+              [[name, *[r[c] for c in COLUMNS]] for name, r in results.items()])
