@@ -75,6 +75,32 @@ HEADLINES: tuple[Headline, ...] = (
              "to their own input embedding; identity is the raw hidden state.",
     ),
     Headline(
+        name="chameleon",
+        title="Chameleon: tag accuracy of the frozen base on held-out users",
+        stage="eval-chameleon",
+        figures=(
+            Figure("eval_users", "evaluation users", "d"),
+            Figure("layers", "edited layers"),
+            Figure("majority_accuracy", "majority class", ".3f"),
+            Figure("no_profile_lik_accuracy", "no profile (likelihood)", ".3f"),
+            Figure("personalized_lik_accuracy", "personalized prompt (likelihood)", ".3f"),
+            Figure("edit_lik_accuracy", "projection edit (likelihood)", ".3f"),
+            Figure("null_lik_accuracy", "null control: random directions (likelihood)", ".3f"),
+            Figure("edit_minus_null_lik_diff", "edit - null (likelihood)", ".3f"),
+            Figure("edit_minus_null_lik_lo", "edit - null, 95% low", ".3f"),
+            Figure("edit_minus_null_lik_hi", "edit - null, 95% high", ".3f"),
+            Figure("no_profile_gen_accuracy", "no profile (generation)", ".3f"),
+            Figure("personalized_gen_accuracy", "personalized prompt (generation)", ".3f"),
+            Figure("edit_gen_accuracy", "projection edit (generation)", ".3f"),
+            Figure("edit_gen_valid_tag_rate", "valid tags, edit (generation)", ".3f"),
+            Figure("edit_ratio_realized", "realized edit ratio", ".4f"),
+        ),
+        note="Accuracy of the tag answer on evaluation users (disjoint from the users whose "
+             "self-generations gave the directions); the edit adds alpha·proj_p - |beta|·proj_n "
+             "to the edited MLP outputs, the null control the same with random directions; "
+             "intervals are paired bootstrap 95%.",
+    ),
+    Headline(
         name="cvfp",
         title="CVFP context-vector fixed-point LM (phase 2, val)",
         stage="phase2-token",
@@ -115,5 +141,33 @@ HEADLINES: tuple[Headline, ...] = (
         ),
         note="Ours: 6k phase-1 and 12k phase-2 tokens per configuration on a CPU; the seed's: "
              "2M tokens on a GPU with GPT-2 embeddings. Blank: the seed gives no figure.",
+    ),
+    Headline(
+        name="infini",
+        title="Infini-attention LMs at matched parameters and tokens: val PPL, memory, "
+              "reversal curse",
+        stage="infini-report",
+        rows=r"([\w-]+?)__",
+        row_label="model",
+        figures=(
+            Figure("parameters", "parameters", ",d"),
+            Figure("val_ppl", "val PPL", ".1f"),
+            Figure("train_val_ppl", "val PPL (train-lm)", ".1f"),
+            Figure("ppl_after_0", "PPL, 0 compressed", ".1f"),
+            Figure("ppl_after_max", "PPL, max compressed", ".1f"),
+            Figure("passkey_mean", "passkey acc.", ".2f"),
+            Figure("injected_forward_ppl", "injected fwd PPL", ".1f"),
+            Figure("injected_backward_ppl", "injected bwd PPL", ".1f"),
+            Figure("control_forward_ppl", "control fwd PPL", ".1f"),
+            Figure("control_backward_ppl", "control bwd PPL", ".1f"),
+            Figure("injected_backward_rank_accuracy", "injected bwd rank acc.", ".2f"),
+            Figure("control_backward_rank_accuracy", "control bwd rank acc.", ".2f"),
+        ),
+        note="Tiny models (same size, same training tokens) trained by train-lm; val PPL by "
+             "eval-ppl (recurrent: segments with memory carried); 'compressed' = segments "
+             "written to memory before a fixed late val segment (eval-memory); injected = "
+             "pairs whose forward sentence was in the training stream, control = never "
+             "shown (for the base: all pairs); rank accuracy is among 4 distractors (chance "
+             "0.20).",
     ),
 )

@@ -70,6 +70,7 @@ def nll_from_logits(scorer: Scorer, input_ids: torch.Tensor, keep: int,
 # imported only when asked for (as cli.COMMANDS), so a line of research adds one entry here.
 MODEL_KINDS: dict[str, str] = {
     "hf": "newllm.ppl:load_hf_scorer",
+    "infini-lm": "newllm.infini.training:load_infini_scorer",
     "cvfp": "newllm.cvfp.scorer:load_cvfp_scorer",
 }
 # Architectures whose logits are exactly lm_head(decoder(x).last_hidden_state).

@@ -145,7 +145,10 @@ def _instances(name: str, spec: dict[str, Any], context: dict[str, Any]
             if not isinstance(values, list):
                 raise NewllmError(f"{where}: matrix.{key} must be a list, got {values!r}.")
         for combo in itertools.product(*axes.values()):
-            yield (f"{name}@" + "-".join(_as_text(v, name, where) for v in combo),
+            # DVC names a combination with Python's str() of a boolean (train-lm@True-False)
+            # though it renders one inside a string in lower case
+            yield (f"{name}@" + "-".join(str(v) if isinstance(v, bool) else
+                                         _as_text(v, name, where) for v in combo),
                    {"item": dict(zip(axes, combo, strict=True))})
     elif "foreach" in spec:
         items = interpolate(spec["foreach"], context, where)

@@ -113,6 +113,22 @@ def report_metrics(topk: int = 3, drop: str | None = None) -> dict[str, object]:
     return metrics
 
 
+def lamp2(questions: list, golds: list) -> Setup:
+    """A LaMP-2 questions file and its outputs file beside it."""
+    def setup(cwd: Path, _env: dict[str, Path]) -> None:
+        (cwd / "dev_questions.json").write_text(json.dumps(questions))
+        (cwd / "dev_outputs.json").write_text(json.dumps({"golds": golds}))
+    return setup
+
+
+def lamp2_question(profile: list) -> dict:
+    return {"id": "7", "input": "Which tag? tags: [comedy, classic] description: A film.",
+            "profile": profile}
+
+
+def foreign_directions(cwd: Path, env: dict[str, Path]) -> None:
+    """Chameleon directions made with the other tiny model, as dir.safetensors."""
+    shutil.copy(env["chameleon_foreign"] / "dir.safetensors", cwd / "dir.safetensors")
 def cvfp_blocks(cwd: Path, env: dict[str, Path]) -> None:
     """The tiny prepared data and phase-1 blocks made from it (`blocks.safetensors`)."""
     shutil.copytree(env["prepared"], cwd / "prepared")
@@ -138,6 +154,20 @@ REPORT = ("converter-report", "--converters", "cm", "--layers", "1,2", "--model-
           "linear,mlp", "--metrics", "report.json", "--plot", "by_layer.csv")
 DEMO = ("demo-recursive", "--model", "{model}", "--converter", "conv.safetensors",
         "--max-new-tokens", "2")
+TRAIN_LM = ("train-lm", "--model", "{model}", "--data", "prepared", "--d-model", "8",
+            "--n-heads", "2", "--max-train-tokens", "512", "--out", "lm/model.safetensors",
+            "--metrics", "tl.json", "--plot", "tl.csv")
+REVERSAL = ("eval-reversal", "--model", "{model}", "--metrics", "rev.json")
+MEMORY = ("eval-memory", "--model", "{model}", "--checkpoint", "lm.safetensors", "--data",
+          "prepared", "--metrics", "mem.json", "--plot", "mem.csv")
+INFINI_REPORT = ("infini-report", "--metrics-dir", "im", "--base-ppl", "ppl.json",
+                 "--metrics", "ir.json")
+SELFGEN = ("self-generate", "--model", "{model}", "--out", "gen.safetensors", "--metrics",
+           "sg.json")
+ESTIMATE = ("estimate-directions", "--model", "{model}", "--generations", "gen.safetensors",
+            "--out", "dir.safetensors", "--metrics", "ed.json")
+EVALCHAM = ("eval-chameleon", "--model", "{model}", "--directions", "dir.safetensors",
+            "--metrics", "ev.json", "--data", "dev_questions.json")
 PHASE1 = ("phase1-context", "--model", "{model}", "--data", "prepared", "--context-dim", "4",
           "--tokens-per-block", "50", "--out", "b.safetensors", "--metrics", "p1.json",
           "--plots", "p1.csv")
@@ -308,6 +338,69 @@ CASES = [
          ("conv.safetensors is not a safetensors file",)),
     Case("demo-empty-compress-text", (*DEMO, "--compress-text", "  "), None,
          ("demo_recursive.compress_text is empty",)),
+    # train-lm, eval-reversal, eval-memory, infini-report (Infini-attention line)
+    Case("train-lm-prepared-missing", TRAIN_LM, None,
+         ("prepared/train.safetensors does not exist",)),
+    Case("train-lm-shortlist-over-vocabulary", (*TRAIN_LM, "--shortlist", "5000",
+                                                       "--reversal-facts", "none"), prepared(),
+         ("train_lm.shortlist (5000) must be below the vocabulary size",)),
+    Case("train-lm-pairs-bad-row", (*TRAIN_LM, "--reversal-facts", "p.csv"),
+         prepared(lambda p: (p.parent / "p.csv").write_text("child,parent\nA,B\nC\n")),
+         ("p.csv:3: has fewer fields",)),
+    Case("train-lm-facts-over-budget", (*TRAIN_LM, "--reversal-repeats", "100"), prepared(),
+         ("more than train_lm.max_train_tokens (512)", "reversal_repeats")),
+    Case("reversal-pairs-missing", (*REVERSAL, "--pairs", "nope.csv"), None,
+         ("eval_reversal.pairs 'nope.csv' does not exist",)),
+    Case("reversal-pairs-bad-row", (*REVERSAL, "--pairs", "p.csv"),
+         write("p.csv", "child,parent,parent_type\nA,B,father\n,D,mother\n"),
+         ("p.csv:3: 'child' is missing or empty",)),
+    Case("reversal-jsonl-not-an-object", (*REVERSAL, "--pairs", "p.jsonl", "--format", "jsonl"),
+         write("p.jsonl", '{"child": "A", "parent": "B"}\n[1, 2]\n'),
+         ("p.jsonl:2: expected a JSON object",)),
+    Case("reversal-bad-templates", (*REVERSAL, "--templates", "one template only"), None,
+         ("eval_reversal.templates must be 'forward|backward'",)),
+    Case("reversal-infini-lm-without-checkpoint", (*REVERSAL, "--model-kind", "infini-lm"),
+         None, ("model kind infini-lm needs a checkpoint",)),
+    Case("reversal-too-many-distractors", (*REVERSAL, "--pairs", "p.csv", "--distractors", "5"),
+         write("p.csv", "child,parent\nA,B\nC,D\n"),
+         ("eval_reversal.distractors (5) needs at least 6 distinct parents",)),
+    Case("memory-checkpoint-missing", MEMORY, None, ("lm.safetensors does not exist",)),
+    Case("memory-checkpoint-wrong-kind", MEMORY,
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "lm.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact, expected 'infini-lm'",)),
+    Case("memory-bad-passkey-fillers", (*MEMORY, "--passkey-fillers", "1,x"), None,
+         ("eval_memory.passkey_fillers must be comma-separated integers",)),
+    Case("eval-ppl-infini-lm-wrong-artifact", (*EVAL, "--model-kind", "infini-lm",
+                                               "--checkpoint", "prepared/val.safetensors"),
+         prepared(), ("is a 'prepared-split' artifact, expected 'infini-lm'",)),
+    Case("infini-report-metrics-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
+         ("im/eval_reversal.json does not exist",)),
+    # chameleon: self-generate, estimate-directions, eval-chameleon
+    Case("chameleon-gold-tag-unknown", (*SELFGEN, "--data", "dev_questions.json"),
+         lamp2([lamp2_question([{"id": "1", "description": "d", "tag": "comedy"}])],
+               [{"id": "7", "output": "horror"}]),
+         ("dev_outputs.json", "gold of question 7 is 'horror'", "not one of the task's tags")),
+    Case("chameleon-empty-profile", (*SELFGEN, "--data", "dev_questions.json"),
+         lamp2([lamp2_question([])], [{"id": "7", "output": "comedy"}]),
+         ("dev_questions.json", "question 7 has an empty profile")),
+    Case("chameleon-template-without-profile",
+         (*SELFGEN, "--personalized-template", "Guess: {{question}}"), None,
+         ("self_generate.personalized_template has no {profile} placeholder",)),
+    Case("chameleon-data-neither", (*SELFGEN, "--data", "notes.txt"), write("notes.txt", "x"),
+         ("chameleon_data.data 'notes.txt' is neither a MovieLens folder",)),
+    Case("chameleon-layer-out-of-range", (*ESTIMATE, "--target-layers", "2"), None,
+         ("estimate_directions.target_layers: layer 2 is out of range",
+          "decoder layer index in [-2, 1]")),
+    Case("chameleon-module-path-unknown",
+         (*ESTIMATE, "--target-layers", "model.layers.0.attn_out"), None,
+         ("estimate_directions.target_layers", "no module 'model.layers.0.attn_out'")),
+    Case("chameleon-generations-missing", (*ESTIMATE, "--target-layers", "1"), None,
+         ("gen.safetensors does not exist",)),
+    Case("chameleon-directions-from-another-model", EVALCHAM, foreign_directions,
+         ("dir.safetensors", "was made with base model")),
+    Case("chameleon-directions-wrong-kind", EVALCHAM,
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "dir.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact, expected 'chameleon-directions'",)),
     # CVFP
     Case("phase1-layer-counts-differ", (*PHASE1, "--context-layers", "2", "--token-layers", "1"),
          prepared(), ("phase1.context_layers (2) must equal phase1.token_layers (1)",)),
@@ -340,8 +433,9 @@ def test_the_matrix_is_wide():
               for case in CASES}
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
     assert {"prepare-data", "eval-ppl", "extract-pairs", "train-converter", "converter-report",
-            "demo-recursive", "fetch-assets", "phase1-context", "phase2-prep-cache",
-            "phase2-token", "cvfp-grid"} <= stages
+            "demo-recursive", "fetch-assets", "train-lm", "eval-reversal", "eval-memory",
+            "infini-report", "self-generate", "estimate-directions", "eval-chameleon",
+            "phase1-context", "phase2-prep-cache", "phase2-token", "cvfp-grid"} <= stages
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +449,27 @@ def foreign(other_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
                      ("train-converter", "--model", str(other_tiny_model), "--pairs-dir",
                       "pairs", "--epochs", "1", "--hidden-dim", "8", "--out-dir", "conv",
                       "--metrics-dir", "cm", "--plots-dir", "cp")):
+            with pytest.raises(SystemExit) as exit_info:
+                main(list(args))
+            assert exit_info.value.code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chameleon_foreign(other_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Chameleon directions made with the other tiny model (another tokenizer and weights)."""
+    from chameleon_helpers import make_mini_movielens
+
+    folder = tmp_path_factory.mktemp("chameleon-foreign")
+    make_mini_movielens(folder / "ml-mini")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        for args in (("self-generate", "--model", str(other_tiny_model), "--data", "ml-mini",
+                      "--num-direction-users", "3", "--num-eval-users", "3",
+                      "--max-new-tokens", "2", "--out", "gen.safetensors", "--metrics", "sg.json"),
+                     ("estimate-directions", "--model", str(other_tiny_model), "--generations",
+                      "gen.safetensors", "--target-layers", "1", "--out", "dir.safetensors",
+                      "--metrics", "ed.json")):
             with pytest.raises(SystemExit) as exit_info:
                 main(list(args))
             assert exit_info.value.code == 0
@@ -375,7 +490,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case: Case, run_cli, tmp_path,
         # setups made by prepared() / copy_from_foreign() need that fixture's folder
         needs = {"prepared": ("prepared", "prepared_tiny"),
                  "cvfp_blocks": ("prepared", "prepared_tiny"),
-                 "copy_from_foreign": ("foreign", "foreign")}.get(
+                 "copy_from_foreign": ("foreign", "foreign"),
+                 "foreign_directions": ("chameleon_foreign", "chameleon_foreign")}.get(
             case.setup.__qualname__.split(".")[0])
         if needs is not None:
             env[needs[0]] = request.getfixturevalue(needs[1])

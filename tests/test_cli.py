@@ -172,16 +172,20 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
     _register()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    reference = r"""['"]?\$\{([a-z0-9_]+)\.([a-z0-9_]+)\}['"]?"""
     for name, stage in stages.items():
         command = cli.commands[stage["cmd"].split()[1]]  # `newllm <command> ...`
         # each option's help names its params key: "[params: group.key; ...]"
         option_groups = {o.name.replace("_", "-"):
                          re.search(r"\[params: ([a-z0-9_]+)\.", o.help)[1]
                          for o in command.params if o.name != "help"}
-        passed = re.findall(r"--([a-z0-9-]+) \$\{([a-z0-9_]+)\.([a-z0-9_]+)\}", stage["cmd"])
-        # a stage running a command in a fixed setting (eval-ppl of a trained kind) passes
-        # a few options as literal values
-        literal = re.findall(r"--([a-z0-9-]+) (?!\$)\S+", stage["cmd"])
+        flags = re.findall(r"--([a-z0-9-]+) (\S+)", stage["cmd"])
+        # `--flag ${group.key}` (quoted for free text); any other value is a literal: a stage
+        # running a command in one fixed setting (`--model-kind cvfp`, `--out a/${item.k}/x`)
+        passed, literal = [], []
+        for flag, value in flags:
+            match = re.fullmatch(reference, value)
+            (passed.append((flag, *match.groups())) if match else literal.append(flag))
         # a whole group, `${per_layer}`, is how DVC passes a list: `--layers 1 15 30`
         words = stage["cmd"].split()
         groups = [m[1] for before, word in itertools.pairwise(words)
@@ -192,6 +196,8 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
         assert {flag for flag, _, _ in passed} | set(literal) == set(option_groups), name
         assert len(passed) + len(literal) == len(re.findall(r"--", stage["cmd"])) + sum(
             len(params[group]) for group in groups), name
+        for flag in literal:  # a fixed option still has its params.yaml key
+            assert flag.replace("-", "_") in params[option_groups[flag]], (name, flag)
         for flag, group, key in passed:
             if group == "item":
                 # a matrix/foreach value: it must be one of the stage's iteration keys, and

@@ -33,10 +33,11 @@ def _params_classes() -> dict[str, type]:
 
 
 CLASSES = _params_classes()
+MATRIX_ONLY = {"per_layer", "infini_runs"}  # groups that only feed dvc matrices
 
 
 def test_every_params_group_has_a_dataclass_and_every_stage_a_group():
-    assert set(PARAMS) - {"per_layer"} <= set(CLASSES)  # per_layer only feeds dvc matrices
+    assert set(PARAMS) - MATRIX_ONLY <= set(CLASSES)
     for name, command in cli.commands.items():
         if name in ("bench", "report"):
             continue
@@ -45,7 +46,7 @@ def test_every_params_group_has_a_dataclass_and_every_stage_a_group():
         assert groups <= set(PARAMS), (name, groups - set(PARAMS))
 
 
-@pytest.mark.parametrize("group", sorted(set(PARAMS) - {"per_layer"}))
+@pytest.mark.parametrize("group", sorted(set(PARAMS) - MATRIX_ONLY))
 def test_dataclass_defaults_equal_params_yaml(group):
     specs = {s.name: s for s in field_specs(CLASSES[group])}
     assert set(PARAMS[group]) == set(specs), f"params.yaml {group} keys differ from the stage's"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chameleon_helpers import make_mini_movielens
 from conftest import REPO
 from test_report import PNG_MAGIC, assert_printed, row_key
 
@@ -33,7 +34,7 @@ def run(cwd: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(cwd.parent / "dvc-site-cache"),
            "GIT_CONFIG_NOSYSTEM": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -51,6 +52,17 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["per_layer"]["layers"] = [1, 2]
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
+    # two kinds and one ablation keep the Infini line's part of the tiny DAG short
+    params["infini_runs"].update(kinds=["pythia", "infini"], use_delta_rule=[False],
+                                 use_alibi=[True])
+    params["infini_report"].update(kinds="pythia,infini", ablations="delta-false_alibi-true")
+    params["train_lm"].update(d_model=16, n_layers=2, n_heads=2, d_ff=32, shortlist=128,
+                              segment_length=32, segments_per_sequence=2,
+                              max_train_tokens=2048, val_max_tokens=200, batch_size=4,
+                              reversal_repeats=2)
+    params["eval_reversal"].update(max_pairs=8, distractors=2)
+    params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers="0,2",
+                                 passkey_trials=2)
     params["phase1"].update(context_dim=8, tokens_per_block=200, val_tokens=50, batch_size=64,
                             max_iterations=2, lipschitz_samples=4)
     params["phase2_prep_cache"].update(train_tokens=400, chunk_tokens=128)
@@ -60,6 +72,13 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
                                max_iterations=1, train_tokens=300, val_tokens=100)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
+    # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs
+    movielens = make_mini_movielens(Path(tiny_model).parent / "ml-mini")
+    params["chameleon_data"].update(data=str(movielens), num_direction_users=3,
+                                    num_eval_users=4, max_profile_items=4, min_profile_items=3)
+    params["self_generate"].update(max_new_tokens=3)
+    params["estimate_directions"]["target_layers"] = "0,1"
+    params["eval_chameleon"].update(max_new_tokens=2, bootstrap=20, sweep_alphas="1.2")
     return params
 
 

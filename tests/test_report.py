@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, assert_one_line_error
 
 from newllm.headlines import HEADLINES, Figure, Headline
-from newllm.report import load_pipeline, metrics_file
+from newllm.report import MISSING, load_pipeline, metrics_file
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,13 +103,16 @@ def assert_printed(out: str, expected: dict[str, dict[str, dict[str, Any]]]) -> 
                     text = format(value, figure.fmt)
                     assert any(re.fullmatch(rf"  {re.escape(figure.label)} +{re.escape(text)}",
                                             line) for line in block), (figure, text, block)
-            else:
-                cells = [row] + [format(values[f.key], f.fmt) for f in headline.figures
-                                 if f.key in values]
+            else:  # a column any row has; a row without that figure shows MISSING
+                rows = expected[headline.name].values()
+                columns = [f for f in headline.figures if any(f.key in v for v in rows)]
+                cells = [row] + [format(values[f.key], f.fmt) if f.key in values else MISSING
+                                 for f in columns]
                 assert cells in [line.split() for line in block], (cells, block)
-        if headline.rows is not None:  # rows in numeric order
+        if headline.rows is not None:  # numbered rows in numeric order, then named ones
             shown = [line.split()[0] for line in block[1:]]
-            assert shown == sorted(expected[headline.name], key=int)
+            assert shown == sorted(expected[headline.name], key=lambda r: (
+                (0, int(r), "") if r.isdigit() else (1, 0, r)))
 
 
 def test_report_prints_every_headline_figure(tmp_path, run_cli):

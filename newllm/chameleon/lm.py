@@ -1,0 +1,165 @@
+"""Running the frozen model in batches: generation, pooled MLP-output states, tag likelihoods.
+
+Rows of different lengths are left-padded for generation and scoring (positions counted from
+each row's first real token) and right-padded for reading states; rows are batched in order
+of length so little is padding, and results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from newllm.chameleon.editing import capture_outputs
+from newllm.runtime import progress
+
+POOLINGS = ("mean", "last")
+
+
+def _batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Row indices in batches of similar length (longest first), deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+             batch_size: int, pad_id: int, eos_ids: list[int], do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             desc: str = "generate", row_hook: Any = None) -> list[list[int]]:
+    """New token ids for each prompt (cut at the first end token, which is left out).
+
+    `row_hook(rows)` is called before each batch with the prompt indices it holds.
+    """
+    device = device_of(model)
+    out: list[list[int]] = [[] for _ in prompts]
+    batches = list(_batches([len(p) for p in prompts], batch_size))
+    for number, rows in enumerate(progress(batches, desc, unit="batch")):
+        ids, mask, _ = _left_pad([prompts[i] for i in rows], pad_id, device)
+        if row_hook is not None:
+            row_hook(rows)
+        if do_sample:
+            torch.manual_seed(seed * 100003 + number)  # each batch its own, repeatable stream
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
+            if do_sample else {"do_sample": False, "temperature": None, "top_p": None,
+                               "top_k": None}
+        generated = model.generate(input_ids=ids, attention_mask=mask,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                   eos_token_id=eos_ids, **sampling)
+        for row, new in zip(rows, generated[:, ids.shape[1]:].tolist(), strict=True):
+            cut = next((k for k, t in enumerate(new) if t in eos_ids), len(new))
+            out[row] = new[:cut]
+    return out
+
+
+@torch.inference_mode()
+def pooled_states(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]],
+                  paths: list[str], *, pooling: str, batch_size: int, pad_id: int,
+                  desc: str = "states") -> dict[str, torch.Tensor]:
+    """Per row (context ids, generated ids): each module's output pooled over the generated
+    positions (mean, or the last one) -> {path: [N, d]} in float32.
+
+    A row whose generation is empty is pooled at its last context position instead.
+    """
+    device = device_of(model)
+    pooled: dict[str, list[torch.Tensor | None]] = {p: [None] * len(rows) for p in paths}
+    batches = list(_batches([len(c) + len(g) for c, g in rows], batch_size))
+    for batch in progress(batches, desc, unit="batch"):
+        seqs = [rows[i][0] + rows[i][1] for i in batch]
+        length = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad_id] * (length - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs],
+                            device=device)
+        with capture_outputs(model, paths) as store:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        for path in paths:
+            states = store[path][0].float()
+            for k, i in enumerate(batch):
+                start, end = len(rows[i][0]), len(rows[i][0]) + len(rows[i][1])
+                if end == start:
+                    start -= 1
+                span = states[k, start:end]
+                pooled[path][i] = (span.mean(0) if pooling == "mean" else span[-1]).cpu()
+    return {p: torch.stack(v) for p, v in pooled.items()}  # type: ignore[arg-type]
+
+
+def _packed_tag_rows(prompts: list[list[int]], tag_ids: list[list[int]], pad_id: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt (left-padded to P) followed by every tag, as ids, positions and a 4D
+    attention mask [B, 1, T, T]: a tag's tokens see the prompt and their own earlier tokens,
+    never another tag, and each tag's positions continue the prompt's."""
+    length = max(len(p) for p in prompts)
+    flat = [t for tag in tag_ids for t in tag]
+    total = length + len(flat)
+    spans, start = [], length
+    for tag in tag_ids:
+        spans.append((start, start + len(tag)))
+        start += len(tag)
+    block = torch.zeros(total, total, dtype=torch.bool)
+    block[:length, :length] = True
+    for a, b in spans:
+        block[a:b, :length] = True
+        block[a:b, a:b] = True
+    block &= torch.ones(total, total, dtype=torch.bool).tril()
+    ids = torch.full((len(prompts), total), pad_id)
+    positions = torch.zeros(len(prompts), total, dtype=torch.long)
+    allowed = block.repeat(len(prompts), 1, 1)
+    for row, prompt in enumerate(prompts):
+        pad = length - len(prompt)
+        ids[row, pad:length] = torch.tensor(prompt)
+        ids[row, length:] = torch.tensor(flat)
+        positions[row, pad:length] = torch.arange(len(prompt))
+        for (a, b), tag in zip(spans, tag_ids, strict=True):
+            positions[row, a:b] = len(prompt) + torch.arange(len(tag))
+        allowed[row, :, :pad] = False  # nothing attends to padding...
+        allowed[row, torch.arange(pad), torch.arange(pad)] = True  # ...but itself (no NaN)
+    return ids, positions, allowed[:, None]
+
+
+@torch.inference_mode()
+def tag_logprobs(model: torch.nn.Module, prompts: list[list[int]], tag_ids: list[list[int]],
+                 *, batch_size: int, pad_id: int, desc: str = "likelihood",
+                 row_hook: Any = None) -> torch.Tensor:
+    """log p(tag | prompt) summed over each tag's tokens -> [N, K] (float64).
+
+    One forward pass per batch scores every tag: the tags follow the prompt side by side,
+    kept apart by the attention mask (`_packed_tag_rows`), and the LM head runs only at the
+    positions that predict a tag token. `row_hook(rows)` is called before each batch with the
+    prompt indices it holds (per-user edits set their directions there).
+    """
+    device = device_of(model)
+    tag_len = sum(len(t) for t in tag_ids)
+    scores = torch.zeros(len(prompts), len(tag_ids), dtype=torch.float64)
+    for rows in progress(list(_batches([len(p) for p in prompts], batch_size)), desc,
+                         unit="batch"):
+        if row_hook is not None:
+            row_hook(rows)
+        ids, positions, allowed = _packed_tag_rows([prompts[i] for i in rows], tag_ids, pad_id)
+        out = model(input_ids=ids.to(device), attention_mask=allowed.to(device),
+                    position_ids=positions.to(device), use_cache=False,
+                    logits_to_keep=tag_len + 1)
+        # kept logits: position P-1 (predicts every tag's first token), then the tag tokens
+        logp = torch.log_softmax(out.logits.double(), -1).cpu()
+        offset = 1
+        for k, tag in enumerate(tag_ids):
+            total = logp[:, 0, tag[0]].clone()
+            for j in range(1, len(tag)):
+                total += logp[:, offset + j - 1, tag[j]]
+            scores[rows, k] = total
+            offset += len(tag)
+    return scores

@@ -1,0 +1,275 @@
+"""Compressive memory on a pretrained base, the seed's two ways (train-infini-adapter).
+
+The base is any HF causal LM whose decoder layers sit in `model.model.layers` and return the
+hidden states (Llama, SmolLM2, Mistral, Qwen...). Text is read in segments; the memory is
+carried across the segments of a sequence and detached between them (newllm.infini.memory).
+
+`parallel`: layer 0 is wrapped so that its output becomes
+
+    layer0(x) + α · O·MemoryAttn(LN(x)),   α a learned scalar, initialised to 0,
+
+so at step 0 the logits are exactly the base's (0 · finite = 0 and x + 0 = x in floating
+point). Trained on the LM loss, either with every parameter (`freeze_base_model: false`)
+or with the base frozen (adapter and α only).
+
+`replace`: (1) distillation: an Infini layer, h + O·MemoryAttn(LN₁ h) + MLP(LN₂ h) (NoPE),
+learns by MSE to reproduce layer 0's output from layer 0's input on the corpus, the base
+frozen; its held-out error is reported as the share of layer 0's change it misses,
+‖f(h) − layer0(h)‖² / ‖h − layer0(h)‖² (0 = exact, 1 = no better than passing h through).
+(2) It takes layer 0's place and everything is fine-tuned on the LM loss with parameter
+groups: the Infini layer at `layer0_lr_scale` × lr; embeddings, layers 1.. and the final
+norm / LM head at `other_lr_scale` × lr.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from newllm.errors import NewllmError
+from newllm.infini.memory import MemoryAttention, MemoryConfig
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise NewllmError(f"base.model ({type(model).__name__}) has no model.layers of decoder "
+                          "layers to put a memory layer beside; use a Llama-style causal LM.")
+    return layers
+
+
+class MemoryAdapter(nn.Module):
+    """O·MemoryAttn(LN(x)): the read-out of compressive memory, added beside layer 0."""
+
+    def __init__(self, config: MemoryConfig) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(config.d_model)
+        self.attn = MemoryAttention(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.ln(x))
+
+
+class InfiniLayer(nn.Module):
+    """A memory-only Infini layer shaped like a decoder layer: h + Memory(LN₁ h) + MLP(LN₂ h)."""
+
+    def __init__(self, config: MemoryConfig, d_ff: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.attn = MemoryAttention(config)
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, d_ff), nn.GELU(),
+                                 nn.Linear(d_ff, config.d_model))
+        # Start as the identity (both branches' output projections 0): distillation then
+        # only has to learn layer 0's change, not first undo a random one.
+        for projection in (self.attn.out, self.mlp[-1]):
+            nn.init.zeros_(projection.weight)
+            nn.init.zeros_(projection.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.attn(self.ln1(h)) + self.mlp(self.ln2(h))
+
+
+class ParallelLayer0(nn.Module):
+    """layer0(x) + α·adapter(x) in place of decoder layer 0 (same call signature)."""
+
+    def __init__(self, layer0: nn.Module, adapter: MemoryAdapter) -> None:
+        super().__init__()
+        self.layer0 = layer0
+        self.adapter = adapter
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.layer0(hidden_states, *args, **kwargs)
+        return out + self.alpha * self.adapter(hidden_states)
+
+
+class ReplacedLayer0(nn.Module):
+    """An Infini layer in place of decoder layer 0 (ignores positions and masks: NoPE)."""
+
+    def __init__(self, infini: InfiniLayer) -> None:
+        super().__init__()
+        self.infini = infini
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.infini(hidden_states)
+
+
+def memory_config(model: nn.Module, **options: Any) -> MemoryConfig:
+    config = model.config
+    return MemoryConfig(config.hidden_size, config.num_attention_heads, "infini", **options)
+
+
+def attach_parallel(model: nn.Module, config: MemoryConfig) -> ParallelLayer0:
+    layers = decoder_layers(model)
+    wrapped = ParallelLayer0(layers[0], MemoryAdapter(config))
+    layers[0] = wrapped
+    return wrapped
+
+
+def attach_replace(model: nn.Module, infini: InfiniLayer) -> nn.Module:
+    """Put `infini` in layer 0's place; returns the original layer 0."""
+    layers = decoder_layers(model)
+    original = layers[0]
+    layers[0] = ReplacedLayer0(infini)
+    return original
+
+
+def reset_memory(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, MemoryAttention):
+            module.reset_memory()
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer0_pairs(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer 0's input, layer 0's output) [B, T, d] of one segment, running the base only up to
+    layer 0 (a hook stops the forward there)."""
+    layer0 = decoder_layers(model)[0]
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        captured["in"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        captured["out"] = (output[0] if isinstance(output, tuple) else output).detach()
+        raise _Captured
+
+    handle = layer0.register_forward_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["in"], captured["out"]
+
+
+def distill(infini: InfiniLayer, model: nn.Module, sequences: torch.Tensor,
+            segment_length: int, epochs: int, lr: float, batch_size: int,
+            generator: torch.Generator) -> list[float]:
+    """Train `infini` (MSE) to map layer 0's input to its output, memory carried across the
+    segments of each sequence; the base is not touched. Returns the mean loss per epoch."""
+    optimizer = torch.optim.AdamW(infini.parameters(), lr=lr, weight_decay=0.0)
+    history = []
+    pairs = []  # layer 0's inputs and outputs of every segment, computed once
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size, :-1]
+        pairs.append([layer0_pairs(model, batch[:, s:s + segment_length])
+                      for s in range(0, batch.shape[1], segment_length)])
+    for _ in range(epochs):
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        total = 0.0
+        for i in order:
+            infini.attn.reset_memory()
+            loss = sum(F.mse_loss(infini(h_in), h_out) for h_in, h_out in pairs[i])
+            loss = loss / len(pairs[i])
+            if not math.isfinite(loss.item()):
+                raise NewllmError(f"the distillation loss became {loss.item()}; lower "
+                                  "train_infini_adapter.distill_lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        history.append(total / len(pairs))
+    return history
+
+
+@torch.no_grad()
+def distill_error(infini: InfiniLayer, model: nn.Module, sequences: torch.Tensor,
+                  segment_length: int) -> float:
+    """‖f(h) − layer0(h)‖² / ‖h − layer0(h)‖² summed over held-out sequences' segments."""
+    missed, change = 0.0, 0.0
+    for row in sequences:
+        infini.attn.reset_memory()
+        ids = row[None, :-1]
+        for s in range(0, ids.shape[1], segment_length):
+            h_in, h_out = layer0_pairs(model, ids[:, s:s + segment_length])
+            missed += float(((infini(h_in) - h_out) ** 2).sum())
+            change += float(((h_in - h_out) ** 2).sum())
+    return missed / max(change, 1e-30)
+
+
+def parameter_groups(model: nn.Module, lr: float, layer0_lr_scale: float,
+                     other_lr_scale: float) -> list[dict[str, Any]]:
+    """The seed's groups: layer 0 (the Infini layer or the parallel adapter's layer) at
+    lr·layer0_lr_scale; embeddings, layers 1.., final norm and head at lr·other_lr_scale.
+    Only trainable parameters, each once (a tied head is the embedding)."""
+    layers = decoder_layers(model)
+    seen: set[int] = set()
+
+    def take(params: Any) -> list[nn.Parameter]:
+        out = []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    groups = [("layer0_infini", take(layers[0].parameters()), lr * layer0_lr_scale),
+              ("embeddings", take(model.get_input_embeddings().parameters()),
+               lr * other_lr_scale),
+              ("layers_1_to_n", take(p for layer in layers[1:] for p in layer.parameters()),
+               lr * other_lr_scale),
+              ("final", take(model.parameters()), lr * other_lr_scale)]
+    return [{"name": name, "params": params, "lr": group_lr}
+            for name, params, group_lr in groups if params]
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor, segment_length: int) -> torch.Tensor:
+    """Mean next-token NLL of sequences [B, L+1] read in segments, memory carried."""
+    reset_memory(model)
+    total, count = 0.0, 0
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    for s in range(0, inputs.shape[1], segment_length):
+        logits = model(input_ids=inputs[:, s:s + segment_length], use_cache=False).logits
+        seg_targets = targets[:, s:s + segment_length]
+        total = total + F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                        seg_targets.reshape(-1), reduction="sum")
+        count += seg_targets.numel()
+    return total / count
+
+
+def finetune(model: nn.Module, groups: list[dict[str, Any]], sequences: torch.Tensor,
+             segment_length: int, epochs: int, batch_size: int,
+             generator: torch.Generator) -> list[float]:
+    """LM-loss fine-tuning with AdamW over `groups`; mean loss per epoch."""
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    history = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(sequences), generator=generator)
+        total, steps = 0.0, 0
+        for start in range(0, len(sequences), batch_size):
+            loss = lm_loss(model, sequences[order[start:start + batch_size]], segment_length)
+            if not math.isfinite(loss.item()):
+                raise NewllmError(f"the fine-tuning loss became {loss.item()}; lower "
+                                  "train_infini_adapter.finetune_lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            steps += 1
+        history.append(total / max(steps, 1))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def segmented_ppl(model: nn.Module, streams: list[torch.Tensor], segment_length: int) -> float:
+    """Token PPL of streams (each [sep, doc]) read in segments, memory carried in each."""
+    nll, tokens = 0.0, 0
+    for ids in streams:
+        if len(ids) < 2:
+            continue
+        loss = lm_loss(model, ids[None], segment_length)
+        nll += float(loss) * (len(ids) - 1)
+        tokens += len(ids) - 1
+    return math.exp(nll / tokens)

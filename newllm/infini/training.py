@@ -1,0 +1,184 @@
+"""Training the factory's models on segments, and scoring them the way eval-ppl does.
+
+Training data: the prepared train split as one stream `[sep, d1, sep, d2, ...]` (plus, with
+`reversal_facts`, the forward sentences of the injected pairs as extra documents, repeated),
+cut after `max_train_tokens` into sequences of `segment_length × segments_per_sequence + 1`
+tokens. Per sequence the memory starts empty; the model reads segment after segment, the
+memory carried (and detached) between them; the loss is the mean full-vocabulary NLL over
+all tokens of the sequence (one backward per batch of sequences; no gradient crosses a
+segment boundary because the memory is detached).
+
+The softmax has `shortlist` classes: the most frequent training tokens (and every token of
+the reversal pairs file, so names stay distinguishable), plus "other", inside which a token
+gets its smoothed unigram share (`SegmentLM.set_vocabulary`): log-likelihoods remain over
+the tokenizer's whole vocabulary and comparable with the base's.
+
+`SegmentScorer` is eval-ppl's scorer of these models (model kind `infini-lm`): a recurrent
+kind whose `stream_nll` reads a stream in consecutive segments of `segment_length`,
+carrying the memory, exactly as training reads it; train-lm's per-epoch val PPL goes
+through `newllm.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from newllm.artifacts import load_artifact, save_artifact
+from newllm.base import BaseInfo
+from newllm.errors import NewllmError
+from newllm.infini.models import LM_KIND, LMConfig, SegmentLM
+
+LOW_PPL, HIGH_PPL = 5.0, 1000.0  # the seed's diagnostic bands
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch thread inside the block: these models' matrices are so small that a second
+    thread only adds synchronisation (on a shared 2-core machine it made training ~30x
+    slower), and one thread makes float32 sums the same on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ppl_flag(ppl: float) -> str:
+    """The seed's reading of a PPL: below 5 a leak or causal-mask bug, above 1000 not
+    learning."""
+    if ppl < LOW_PPL:
+        return "suspicious_low"
+    if ppl > HIGH_PPL:
+        return "not_learning"
+    return "ok"
+
+
+def build_vocabulary(train_ids: torch.Tensor, extra_ids: list[int], vocab_size: int,
+                     shortlist: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shortlist ids [K], training counts [V]): every id of `extra_ids` first, then the most
+    frequent training ids (ties by id, so the choice is deterministic)."""
+    counts = torch.bincount(train_ids.long(), minlength=vocab_size)[:vocab_size]
+    chosen = list(dict.fromkeys(int(i) for i in extra_ids))[:shortlist]
+    taken = set(chosen)
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))
+    for i in order:
+        if len(chosen) == shortlist:
+            break
+        if i not in taken:
+            chosen.append(i)
+            taken.add(i)
+    return torch.tensor(sorted(chosen)), counts
+
+
+def make_sequences(stream: torch.Tensor, seq_tokens: int) -> torch.Tensor:
+    """[N, seq_tokens + 1] consecutive chunks of the stream (each overlaps the next by one
+    token, the last target)."""
+    n = (len(stream) - 1) // seq_tokens
+    if n < 1:
+        raise NewllmError(f"the training stream has {len(stream)} tokens, fewer than one "
+                          f"sequence of {seq_tokens + 1}; lower train_lm.segment_length or "
+                          "segments_per_sequence, or raise max_train_tokens.")
+    return torch.stack([stream[i * seq_tokens:(i + 1) * seq_tokens + 1] for i in range(n)])
+
+
+def sequence_loss(model: SegmentLM, batch: torch.Tensor, segment_length: int) -> torch.Tensor:
+    """Mean NLL of a batch of sequences [B, L+1] read in segments with the memory carried."""
+    model.reset_memory()
+    total, count = 0.0, 0
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    for start in range(0, inputs.shape[1], segment_length):
+        logits = model(inputs[:, start:start + segment_length])
+        lp = model.token_logprobs(logits, targets[:, start:start + segment_length])
+        total = total - lp.sum()
+        count += lp.numel()
+    return total / count
+
+
+@torch.no_grad()
+def stream_logprobs(model: SegmentLM, ids: torch.Tensor, segment_length: int) -> torch.Tensor:
+    """log p(ids[t] | ids[<t]) for t = 1.. of one stream [N], memory reset at its start."""
+    model.reset_memory()
+    inputs, targets = ids[:-1][None], ids[1:][None]
+    out = []
+    for start in range(0, inputs.shape[1], segment_length):
+        logits = model(inputs[:, start:start + segment_length])
+        out.append(model.token_logprobs(logits, targets[:, start:start + segment_length])[0])
+    return torch.cat(out)
+
+
+@dataclass
+class SegmentScorer:
+    """eval-ppl's scorer of a SegmentLM (see the module docstring)."""
+
+    model: SegmentLM
+    segment_length: int
+    device: torch.device
+    info: BaseInfo
+    separator_id: int
+    separator_token: str
+    max_length: int | None = None
+
+    def stream_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+        with single_thread():
+            lp = stream_logprobs(self.model, ids.to(self.device), self.segment_length)
+        return float(-(lp.double().cpu() * mask[1:].double()).sum())
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """Full-vocabulary log-probabilities [B, keep, V] of rows read from their first
+        token in segments (memory reset per call)."""
+        self.model.reset_memory()
+        with single_thread():
+            out = [self.model.full_logprobs(self.model(input_ids[:, s:s + self.segment_length]))
+                   for s in range(0, input_ids.shape[1], self.segment_length)]
+        return torch.cat(out, dim=1)[:, -keep:]
+
+
+def save_lm(path: str | Path, model: SegmentLM, *, segment_length: int, params: dict[str, Any],
+            base: dict[str, Any], extra: dict[str, Any]) -> None:
+    save_artifact(path, dict(model.state_dict()), kind=LM_KIND, stage="train-lm", params=params,
+                  base=base, extra={"config": asdict(model.config),
+                                    "segment_length": segment_length, **extra})
+
+
+def load_lm(path: str | Path, base: dict[str, Any] | None = None,
+            device: str | torch.device = "cpu") -> tuple[SegmentLM, dict[str, Any]]:
+    """A trained model (eval mode) and its artifact metadata; checks kind and tokenizer."""
+    artifact = load_artifact(path, kind=LM_KIND, base=base)
+    config = LMConfig(**artifact.meta["extra"]["config"])
+    model = SegmentLM(config)
+    model.load_state_dict(artifact.tensors)
+    return model.to(device).eval(), artifact.meta
+
+
+def load_infini_scorer(base_params: Any, checkpoint: str | None) -> SegmentScorer:
+    """eval-ppl's `infini-lm` kind: a train-lm model read with base.model's tokenizer."""
+    from newllm.base import load_tokenizer
+    from newllm.runtime import resolve_device
+    from newllm.tokens import separator_token_id
+
+    if checkpoint is None:
+        raise NewllmError("model kind infini-lm needs a checkpoint: a train-lm model "
+                          "(model.safetensors), got null.")
+    tokenizer, info = load_tokenizer(base_params.model)
+    device = resolve_device(base_params.device)
+    model, meta = load_lm(checkpoint, base=info.tokenizer_only(), device=device)
+    separator_id = separator_token_id(tokenizer, base_params.separator_token)
+    if separator_id != meta["extra"].get("separator_id", separator_id):
+        raise NewllmError(f"{checkpoint} was trained with separator id "
+                          f"{meta['extra']['separator_id']}, base.separator_token gives "
+                          f"{separator_id}.")
+    return SegmentScorer(model, meta["extra"]["segment_length"], device, info, separator_id,
+                         tokenizer.convert_ids_to_tokens(separator_id))
+
+
+def train_steps(n_sequences: int, batch_size: int, epochs: int) -> int:
+    return epochs * math.ceil(n_sequences / batch_size)

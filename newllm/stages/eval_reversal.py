@@ -1,0 +1,85 @@
+"""eval-reversal: the reversal curse on child/parent pairs, for the base or a train-lm model.
+
+Per pair: forward and backward sentence PPL, reversal ratio (forward/backward) and gap
+(backward − forward), and rank accuracy of the true answer among `distractors` other names
+of the file, both directions (see `newllm.infini.reversal`). For a train-lm model that was
+shown pairs of the same file (`reversal_facts`), the figures are also given for the
+injected pairs and for the never-injected control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from newllm.artifacts import read_meta, write_metrics
+from newllm.base import BaseParams, load_tokenizer
+from newllm.cli import stage_command
+from newllm.infini.reversal import (
+    DEFAULT_TEMPLATES,
+    FORMATS,
+    SHIPPED,
+    file_hash,
+    parse_templates,
+    read_pairs,
+    score_pairs,
+    summarize,
+)
+from newllm.params import param
+from newllm.ppl import MODEL_KINDS, load_scorer
+
+
+@dataclass
+class EvalReversalParams:
+    group = "eval_reversal"
+    model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model read from "
+                            "`checkpoint`.", choices=tuple(MODEL_KINDS))
+    checkpoint: str | None = param(None, "train-lm model artifact (null for hf).")
+    pairs: str = param(SHIPPED, "Pairs file: parent_child_pairs.csv format (child,parent,"
+                       "parent_type,...) or JSONL; 'shipped' = the package's own "
+                       "(newllm/infini/reversal_pairs.csv).")
+    format: str = param("csv", "Format of the pairs file.", choices=FORMATS)
+    max_pairs: int | None = param(None, "Evaluate the first this many pairs (null = all).",
+                                  min=1)
+    distractors: int = param(4, "Other names each true answer is ranked against.", min=1)
+    templates: str = param(DEFAULT_TEMPLATES, "forward|backward sentence templates over "
+                           "{child}, {parent}, {parent_type}, {inverse_type}; each ends with "
+                           "its answer.")
+    seed: int = param(0, "Seed of the distractor draw.", min=0)
+    metrics: str = param("metrics/infini/eval_reversal.json", "Metrics JSON to write.")
+
+    def check(self) -> None:
+        parse_templates(self.templates)
+
+
+@stage_command("eval-reversal", BaseParams, EvalReversalParams,
+               help="Reversal curse: forward vs backward PPL of child/parent facts, their "
+                    "ratio and gap, and rank accuracy against distractor names in both "
+                    "directions; injected vs never-injected pairs for a train-lm model.")
+def eval_reversal(base_params: BaseParams, params: EvalReversalParams) -> None:
+    pairs = read_pairs(params.pairs, params.format, params.max_pairs)
+    pool = read_pairs(params.pairs, params.format)  # distractors come from the whole file
+    scorer = load_scorer(params.model_kind, base_params, params.checkpoint)
+    tokenizer, _ = load_tokenizer(base_params.model)
+    scores = score_pairs(scorer, tokenizer, pairs, pool, params.templates, params.distractors,
+                         params.seed)
+    metrics = {"model_kind": params.model_kind, "checkpoint": params.checkpoint,
+               "model_id": scorer.info.model_id, "pairs_file": params.pairs,
+               "distractors": params.distractors, "chance_rank_accuracy":
+               1 / (params.distractors + 1), **summarize(scores)}
+    if params.checkpoint is not None:
+        shown = read_meta(params.checkpoint).get("extra", {}).get("reversal") or {}
+        if shown.get("pairs_hash") == file_hash(params.pairs):
+            injected = set(shown.get("injected", []))
+            metrics.update(summarize([s for p, s in zip(pairs, scores, strict=True)
+                                      if p.key in injected], "injected_"))
+            metrics.update(summarize([s for p, s in zip(pairs, scores, strict=True)
+                                      if p.key not in injected], "control_"))
+    write_metrics(params.metrics, metrics)
+    click.echo(f"eval-reversal on {len(pairs)} pairs: forward PPL {metrics['forward_ppl']:.2f}, "
+               f"backward PPL {metrics['backward_ppl']:.2f}, ratio "
+               f"{metrics['reversal_ratio']:.3f}; rank accuracy forward "
+               f"{metrics['forward_rank_accuracy']:.3f}, backward "
+               f"{metrics['backward_rank_accuracy']:.3f} (chance "
+               f"{metrics['chance_rank_accuracy']:.3f})")

@@ -1,0 +1,111 @@
+"""infini-report: the Infini-attention line's figures gathered into one metrics file.
+
+Reads the metrics the line's stages wrote into `metrics_dir` (train_lm_<run>.json,
+eval_ppl_<kind>.json, eval_memory_<run>.json, eval_reversal[_<kind>].json) and the base's
+eval-ppl metrics, and writes one flat file keyed `<row>__<figure>`: a row per trained kind,
+a row per delta-rule/ALiBi ablation run and the base model, as `newllm report` shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from newllm.artifacts import write_metrics
+from newllm.cli import stage_command
+from newllm.errors import NewllmError
+from newllm.params import param
+
+
+@dataclass
+class InfiniReportParams:
+    group = "infini_report"
+    metrics_dir: str = param("metrics/infini", "Folder of the line's metrics files.")
+    kinds: str = param("pythia,infini,multi_memory,hierarchical", "Comma-separated trained "
+                       "kinds (infini_runs.kinds).")
+    ablations: str = param("delta-false_alibi-false,delta-false_alibi-true",
+                           "Comma-separated ablation runs (infini_runs' delta x alibi grid).")
+    base_ppl: str = param("metrics/eval_ppl.json", "The base model's eval-ppl metrics.")
+    metrics: str = param("metrics/infini_report.json", "Metrics JSON to write.")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NewllmError(f"{path} does not exist; run the stage that writes it "
+                          "(dvc repro).") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NewllmError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise NewllmError(f"{path}: expected a JSON object of metrics.")
+    return data
+
+
+def names(text: str, key: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or any(not p for p in parts):
+        raise NewllmError(f"infini_report.{key} must be comma-separated names, got {text!r}.")
+    return parts
+
+
+REVERSAL_KEYS = ("forward_ppl", "backward_ppl", "reversal_ratio", "forward_rank_accuracy",
+                 "backward_rank_accuracy")
+
+
+def memory_figures(memory: dict[str, Any]) -> dict[str, Any]:
+    after = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("ppl_after_"))
+    fillers = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("passkey_after_"))
+    out: dict[str, Any] = {f"ppl_after_{n}": memory[f"ppl_after_{n}"] for n in after}
+    out["ppl_after_0"] = memory["ppl_after_0"]
+    out["ppl_after_max"] = memory[f"ppl_after_{after[-1]}"]
+    out["compressions_max"] = after[-1]
+    out["passkey_max_fillers"] = fillers[-1]
+    out["passkey_at_max"] = memory[f"passkey_after_{fillers[-1]}"]
+    out["passkey_mean"] = sum(memory[f"passkey_after_{n}"] for n in fillers) / len(fillers)
+    return out
+
+
+@stage_command("infini-report", InfiniReportParams,
+               help="Gather the Infini-attention line's metrics (val PPL per kind, "
+                    "compressions curve, passkey, reversal) into one file for `newllm "
+                    "report`.")
+def infini_report(params: InfiniReportParams) -> None:
+    folder = Path(params.metrics_dir)
+    out: dict[str, Any] = {}
+    base_ppl = read_json(Path(params.base_ppl))
+    out["base__val_ppl"] = base_ppl["token_ppl"]
+    base_rev = read_json(folder / "eval_reversal.json")
+    # the base was never shown the pairs: its figures go in the never-injected columns
+    out.update({f"base__control_{k}": base_rev[k] for k in REVERSAL_KEYS})
+    for kind in names(params.kinds, "kinds"):
+        train = read_json(folder / f"train_lm_{kind}.json")
+        ppl = read_json(folder / f"eval_ppl_{kind}.json")
+        rev = read_json(folder / f"eval_reversal_{kind}.json")
+        out[f"{kind}__parameters"] = train["parameters"]
+        out[f"{kind}__train_tokens"] = train["train_tokens"]
+        out[f"{kind}__val_ppl"] = ppl["token_ppl"]
+        out[f"{kind}__train_val_ppl"] = train["val_ppl"]
+        out[f"{kind}__val_ppl_flag"] = train["val_ppl_flag"]
+        for prefix in ("injected_", "control_"):
+            out.update({f"{kind}__{prefix}{k}": rev[prefix + k] for k in REVERSAL_KEYS
+                        if prefix + k in rev})
+        memory = read_json(folder / f"eval_memory_{kind}.json")
+        out.update({f"{kind}__{k}": v for k, v in memory_figures(memory).items()})
+    for run in names(params.ablations, "ablations"):
+        train = read_json(folder / f"train_lm_infini_{run}.json")
+        memory = read_json(folder / f"eval_memory_infini_{run}.json")
+        row = f"infini_{run}"
+        out[f"{row}__train_val_ppl"] = train["val_ppl"]
+        out.update({f"{row}__{k}": v for k, v in memory_figures(memory).items()})
+    for key, value in out.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NewllmError(f"infini-report: {key} is {value}; a stage produced a "
+                              "non-finite figure.")
+    write_metrics(params.metrics, out)
+    click.echo(f"infini-report: {len(out)} figures -> {params.metrics}")

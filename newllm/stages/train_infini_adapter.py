@@ -1,0 +1,170 @@
+"""train-infini-adapter: compressive memory on the pretrained base (seeds/004), `parallel`
+(layer0 + α·adapter, α = 0 at start, full or frozen-base fine-tuning) or `replace` (distil an
+Infini layer from layer 0, then fine-tune with per-group learning rates).
+
+All PPLs here read the val documents in segments of `segment_length` with the memory
+carried (the base, without memory, is read the same way, so the figures compare); the
+metrics also hold the base's PPL read this way before any change.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import click
+import torch
+
+from newllm.artifacts import save_artifact, write_metrics
+from newllm.base import BaseParams
+from newllm.cli import stage_command
+from newllm.data import load_split
+from newllm.errors import NewllmError
+from newllm.infini.adapter import (
+    InfiniLayer,
+    attach_parallel,
+    attach_replace,
+    distill,
+    distill_error,
+    finetune,
+    memory_config,
+    parameter_groups,
+    segmented_ppl,
+)
+from newllm.infini.reversal import FORMATS, forward_sentences, injected_split, read_pairs
+from newllm.infini.training import make_sequences
+from newllm.params import as_dict, param
+from newllm.ppl import build_stream
+from newllm.runtime import seed_everything
+from newllm.stages.train_lm import training_stream
+from newllm.tokens import separator_token_id
+
+ADAPTER_KIND = "infini-adapter"
+MODES = ("parallel", "replace")
+
+
+@dataclass
+class TrainInfiniAdapterParams:
+    group = "train_infini_adapter"
+    mode: str = param("parallel", "parallel: layer0 + α·adapter (α = 0 at start); replace: "
+                      "distil an Infini layer from layer 0, then fine-tune.", choices=MODES)
+    freeze_base_model: bool = param(False, "parallel: train only the adapter and α.")
+    data: str = param("data/prepared", "Prepared data folder.")
+    use_delta_rule: bool = param(True, "Delta-rule memory update.")
+    use_alibi: bool = param(False, "ALiBi decay over segments in memory.")
+    d_ff: int = param(1536, "replace: MLP width of the Infini layer.", min=1)
+    segment_length: int = param(64, "Tokens per segment.", min=2)
+    segments_per_sequence: int = param(4, "Segments per training sequence.", min=1)
+    max_train_tokens: int = param(1024, "Training tokens.", min=2)
+    val_max_tokens: int = param(1024, "Val tokens for the PPLs (whole documents).", min=1)
+    batch_size: int = param(1, "Sequences per step.", min=1)
+    distill_epochs: int = param(1, "replace: distillation epochs (the seed: 10).", min=0)
+    distill_lr: float = param(1e-3, "replace: distillation learning rate (the seed: 1e-4).",
+                              min=1e-12)
+    finetune_epochs: int = param(1, "LM fine-tuning epochs (the seed: 20).", min=0)
+    finetune_lr: float = param(1e-5, "Base fine-tuning learning rate (the seed: 1e-5).",
+                               min=1e-12)
+    layer0_lr_scale: float = param(10.0, "Learning-rate factor of layer 0 (Infini layer / "
+                                   "adapter and α).", min=0.0)
+    other_lr_scale: float = param(1.0, "Learning-rate factor of embeddings, layers 1.. and "
+                                  "the final norm / head.", min=0.0)
+    reversal_facts: str | None = param(None, "Pairs file whose forward sentences join the "
+                                       "fine-tuning stream ('shipped' = the package's own).")
+    reversal_format: str = param("csv", "Format of reversal_facts.", choices=FORMATS)
+    reversal_repeats: int = param(5, "Times each injected sentence appears.", min=1)
+    seed: int = param(0, "Seed.", min=0)
+    out: str = param("artifacts/infini_adapter/parallel.safetensors", "Trained layer-0 "
+                     "weights (adapter / Infini layer, α) to write.")
+    metrics: str = param("metrics/infini_adapter/parallel.json", "Metrics JSON to write.")
+
+
+@stage_command("train-infini-adapter", BaseParams, TrainInfiniAdapterParams,
+               help="Compressive memory on the pretrained base: a parallel adapter beside "
+                    "layer 0 (α = 0 at start) or an Infini layer distilled from layer 0 that "
+                    "then replaces it, fine-tuned with per-group learning rates.")
+def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
+    base = base_params.load()
+    model, tokenizer = base.model, base.tokenizer
+    separator_id = separator_token_id(tokenizer, base_params.separator_token)
+    tokens_only = base.info.tokenizer_only()
+    train_docs, _ = load_split(params.data, "train", base=tokens_only).documents()
+    val_docs, _ = load_split(params.data, "val", base=tokens_only).documents(
+        params.val_max_tokens)
+    generator = seed_everything(params.seed)
+    facts: list[list[int]] = []
+    if params.reversal_facts is not None:
+        injected, _ = injected_split(read_pairs(params.reversal_facts, params.reversal_format),
+                                     0.5)
+        facts = [tokenizer(s, add_special_tokens=False)["input_ids"]
+                 for s in forward_sentences(injected)] * params.reversal_repeats
+    stream = training_stream(train_docs, facts, separator_id, params.max_train_tokens,
+                             random.Random(params.seed))
+    sequences = make_sequences(stream, params.segment_length * params.segments_per_sequence)
+    sequences = sequences.to(base.device)
+    val_streams = [build_stream([d], separator_id)[0].to(base.device) for d in val_docs]
+    s = params.segment_length
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and s > max_positions:
+        raise NewllmError(f"train_infini_adapter.segment_length ({s}) exceeds the base's "
+                          "max_position_embeddings.")
+    config = memory_config(model, use_delta_rule=params.use_delta_rule,
+                           use_alibi=params.use_alibi)
+    metrics: dict[str, object] = {"mode": params.mode, "model_id": base.info.model_id,
+                                  "segment_length": s, "train_tokens":
+                                  int(sequences[:, :-1].numel()),
+                                  "val_tokens": sum(len(d) for d in val_docs)}
+    metrics["base_val_ppl"] = segmented_ppl(model, val_streams, s)
+    model.requires_grad_(True)
+    torch.manual_seed(params.seed)
+    if params.mode == "parallel":
+        wrapped = attach_parallel(model, config).to(base.device)
+        metrics["step0_val_ppl"] = segmented_ppl(model, val_streams, s)
+        if params.freeze_base_model:
+            model.requires_grad_(False)
+            wrapped.adapter.requires_grad_(True)
+            wrapped.alpha.requires_grad_(True)
+        groups = parameter_groups(model, params.finetune_lr, params.layer0_lr_scale,
+                                  params.other_lr_scale)
+        history = finetune(model, groups, sequences, s, params.finetune_epochs,
+                           params.batch_size, generator)
+        metrics.update({"freeze_base_model": params.freeze_base_model,
+                        "alpha": float(wrapped.alpha),
+                        "final_train_loss": history[-1] if history else None,
+                        "val_ppl": segmented_ppl(model, val_streams, s)})
+        trained: torch.nn.Module = wrapped
+        tensors = {f"adapter.{k}": v for k, v in wrapped.adapter.state_dict().items()}
+        tensors["alpha"] = wrapped.alpha.detach()
+    else:
+        infini = InfiniLayer(config, params.d_ff).to(base.device)
+        split = max(1, len(sequences) // 10)  # a tenth of the sequences held out
+        held_out, train_seqs = sequences[:split], sequences[split:]
+        if len(train_seqs) == 0:
+            raise NewllmError("train_infini_adapter.max_train_tokens leaves no training "
+                              "sequence after holding out a tenth for the distillation error.")
+        metrics["distill_error_before"] = distill_error(infini, model, held_out, s)
+        distill(infini, model, train_seqs, s, params.distill_epochs, params.distill_lr,
+                params.batch_size, generator)
+        metrics["distill_error_held_out"] = distill_error(infini, model, held_out, s)
+        attach_replace(model, infini)
+        metrics["after_distill_val_ppl"] = segmented_ppl(model, val_streams, s)
+        groups = parameter_groups(model, params.finetune_lr, params.layer0_lr_scale,
+                                  params.other_lr_scale)
+        history = finetune(model, groups, train_seqs, s, params.finetune_epochs,
+                           params.batch_size, generator)
+        metrics.update({"final_train_loss": history[-1] if history else None,
+                        "val_ppl": segmented_ppl(model, val_streams, s)})
+        trained = infini
+        tensors = {f"infini.{k}": v for k, v in infini.state_dict().items()}
+    # Only layer 0's new weights are saved: with full fine-tuning the rest of the base moved
+    # too, but the metrics are this run's record; the artifact is the memory layer.
+    save_artifact(params.out, tensors, kind=ADAPTER_KIND, stage="train-infini-adapter",
+                  params=as_dict(base_params, params), base=base.info.as_dict(),
+                  extra={"memory_config": config.__dict__,
+                         "class": type(trained).__name__})
+    write_metrics(params.metrics, {k: v for k, v in metrics.items() if v is not None})
+    click.echo(f"train-infini-adapter {params.mode}: base PPL {metrics['base_val_ppl']:.2f} -> "
+               f"{metrics['val_ppl']:.2f}"
+               + (f", alpha {metrics['alpha']:.5f}" if "alpha" in metrics else "")
+               + (f", distillation error {metrics['distill_error_held_out']:.3f}"
+                  if "distill_error_held_out" in metrics else ""))
+

@@ -1,0 +1,110 @@
+"""Memory on a pretrained base: α = 0 leaves the logits exactly, distillation reproduces layer
+0, the fine-tuning groups get the scaled learning rates, and the stage end to end."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from newllm.base import load_base
+from newllm.infini.adapter import (
+    InfiniLayer,
+    attach_parallel,
+    attach_replace,
+    decoder_layers,
+    distill,
+    distill_error,
+    lm_loss,
+    memory_config,
+    parameter_groups,
+    reset_memory,
+)
+
+
+def _ids(model, n_rows: int = 2, length: int = 33, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (n_rows, length), generator=g)
+
+
+def test_parallel_adapter_with_alpha_zero_gives_the_base_logits_exactly(tiny_model):
+    base = load_base(str(tiny_model), device="cpu").model
+    ids = _ids(base)
+    with torch.no_grad():
+        before = [base(input_ids=ids[:, s:s + 8]).logits for s in range(0, 32, 8)]
+    wrapped = attach_parallel(base, memory_config(base))
+    assert float(wrapped.alpha) == 0.0
+    reset_memory(base)
+    with torch.no_grad():
+        after = [base(input_ids=ids[:, s:s + 8]).logits for s in range(0, 32, 8)]
+    assert wrapped.adapter.attn.segment_counter == 4  # the memory was written all along
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with torch.no_grad():
+        wrapped.alpha.fill_(0.5)
+        reset_memory(base)
+        base(input_ids=ids[:, :8])
+        moved = base(input_ids=ids[:, 8:16]).logits
+    assert not torch.allclose(moved, before[1])  # a non-zero α reads the memory
+
+
+def test_distillation_reproduces_layer0_on_held_out_text(tiny_model, prepared_tiny):
+    from newllm.data import load_split
+    from newllm.infini.training import make_sequences
+    from newllm.ppl import build_stream
+
+    base = load_base(str(tiny_model), device="cpu").model
+    streams = {split: build_stream(load_split(prepared_tiny, split).documents()[0], 0)[0]
+               for split in ("train", "val")}
+    train = make_sequences(streams["train"], 32)  # train documents
+    held_out = make_sequences(streams["val"], 32)[:8]  # documents never distilled on
+    torch.manual_seed(0)
+    infini = InfiniLayer(memory_config(base), d_ff=64)
+    before = distill_error(infini, base, held_out, 8)
+    history = distill(infini, base, train, 8, epochs=4, lr=3e-3, batch_size=8,
+                      generator=torch.Generator().manual_seed(0))
+    after = distill_error(infini, base, held_out, 8)
+    assert before == 1.0  # the Infini layer starts as the identity
+    assert history[-1] < history[0]
+    # stated tolerance: on held-out documents the distilled layer misses under 80% of layer
+    # 0's change (1.0 = no better than passing the hidden state through; 0.66 measured
+    # after these 4 epochs on the tiny model, whose layer 0 attends within the segment,
+    # which a memory-only layer cannot see)
+    assert after < 0.8, (before, after)
+    original = attach_replace(base, infini)
+    assert decoder_layers(base)[0].infini is infini and original is not None
+    assert torch.isfinite(lm_loss(base, held_out, 8))
+
+
+def test_parameter_groups_get_the_scaled_learning_rates(tiny_model):
+    base = load_base(str(tiny_model), device="cpu").model
+    base.requires_grad_(True)
+    infini = InfiniLayer(memory_config(base), d_ff=64)
+    attach_replace(base, infini)
+    groups = parameter_groups(base, 1e-4, layer0_lr_scale=2.0, other_lr_scale=0.5)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["layer0_infini"]["lr"] == 2e-4
+    assert by_name["embeddings"]["lr"] == by_name["layers_1_to_n"]["lr"] == 5e-5
+    assert {id(p) for p in by_name["layer0_infini"]["params"]} == \
+        {id(p) for p in infini.parameters()}
+    every = [id(p) for g in groups for p in g["params"]]
+    assert len(every) == len(set(every)) == len({id(p) for p in base.parameters()})
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in groups]
+
+
+def test_the_stage_in_both_modes(run_cli, tiny_model, prepared_tiny, tmp_path):
+    common = ("--model", str(tiny_model), "--device", "cpu", "--data", str(prepared_tiny),
+              "--segment-length", "16", "--segments-per-sequence", "2", "--max-train-tokens",
+              "400", "--val-max-tokens", "200", "--d-ff", "32")
+    result = run_cli("train-infini-adapter", *common, "--mode", "parallel", "--out", "p.st",
+                     "--metrics", "p.json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    parallel = json.loads((tmp_path / "p.json").read_text())
+    assert parallel["step0_val_ppl"] == parallel["base_val_ppl"]  # α = 0: exactly the base
+    assert parallel["alpha"] != 0.0
+    result = run_cli("train-infini-adapter", *common, "--mode", "replace", "--out", "r.st",
+                     "--metrics", "r.json", "--reversal-facts", "shipped",
+                     "--reversal-repeats", "1", "--max-train-tokens", "1200", cwd=tmp_path)
+    assert result.code == 0, result.err
+    replace = json.loads((tmp_path / "r.json").read_text())
+    assert {"distill_error_held_out", "after_distill_val_ppl", "val_ppl"} <= set(replace)

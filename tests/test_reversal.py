@@ -1,0 +1,229 @@
+"""eval-reversal: readers, the figures on a hand-made bigram model, and the stage end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import assert_one_line_error
+
+from newllm.errors import NewllmError
+from newllm.infini.reversal import (
+    DEFAULT_TEMPLATES,
+    SHIPPED_PAIRS,
+    PairScores,
+    injected_split,
+    parse_templates,
+    read_pairs,
+    score_pairs,
+    sentences,
+    summarize,
+)
+
+PAPER_CSV = ("child,parent,parent_type,child_prediction,parent_prediction\n"
+             "Lisa Marie Presley,Elvis Presley,father,True,False\n"
+             "Jaden Smith,Will Smith,father,True,True\n"
+             "Liza Minnelli,Judy Garland,mother,False,False\n")
+
+
+def test_reads_the_papers_csv_and_jsonl(tmp_path):
+    (tmp_path / "p.csv").write_text(PAPER_CSV)
+    pairs = read_pairs(tmp_path / "p.csv", "csv")
+    assert [(p.child, p.parent, p.parent_type, p.line) for p in pairs] == [
+        ("Lisa Marie Presley", "Elvis Presley", "father", 2),
+        ("Jaden Smith", "Will Smith", "father", 3),
+        ("Liza Minnelli", "Judy Garland", "mother", 4)]
+    assert sentences(pairs[0], parse_templates(DEFAULT_TEMPLATES)) == (
+        "Lisa Marie Presley's father is Elvis Presley.", "Elvis Presley's child is Lisa Marie "
+        "Presley.")
+    rows = [{"child": "Ann", "parent": "Bob"},
+            {"child": "Cy", "parent": "Di", "forward": "Cy was raised by Di.",
+             "backward": "Di raised Cy."}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    jsonl = read_pairs(tmp_path / "p.jsonl", "jsonl")
+    assert sentences(jsonl[1], parse_templates(DEFAULT_TEMPLATES)) == (
+        "Cy was raised by Di.", "Di raised Cy.")
+    assert read_pairs(tmp_path / "p.csv", "csv", max_pairs=2)[-1].child == "Jaden Smith"
+    shipped = read_pairs(SHIPPED_PAIRS, "csv")
+    assert len(shipped) >= 40 and {p.inverse_type for p in shipped} >= {"child", "capital",
+                                                                          "invention"}
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("p.csv", "child,parent\nA,B\n,C\n", "p.csv:3: 'child' is missing or empty"),
+    ("p.csv", "child,parent\nA,B\nC,D,E\n", "p.csv:3: has more fields"),
+    ("p.csv", "child,parent,parent_type\nA,B,father\nC\n", "p.csv:3: has fewer fields"),
+    ("p.csv", "name,parent\nA,B\n", "p.csv:1: the header lacks column(s) child"),
+    ("p.csv", "child,parent\nA,B\nA,B\n", "p.csv:3: repeats the pair of line 2"),
+    ("p.jsonl", '{"child": "A", "parent": "B"}\n["A", "B"]\n', "p.jsonl:2: expected a JSON"),
+    ("p.jsonl", '{"child": "A", "parent": 3}\n', "p.jsonl:1: 'parent' is a int"),
+    ("p.jsonl", '{"child": "A", "parent": "B", "forward": "B is the parent of A."}\n',
+     "p.jsonl:1: the 'forward' sentence must end with its answer 'B'"),
+])
+def test_a_bad_row_is_an_error_naming_the_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(NewllmError, match=re.escape(message)):
+        read_pairs(tmp_path / name, name.split(".")[1])
+
+
+def test_injected_split_spreads_pairs_evenly():
+    pairs = read_pairs(SHIPPED_PAIRS, "csv")[:8]
+    injected, control = injected_split(pairs, 0.5)
+    assert [p.line for p in injected] == [3, 5, 7, 9] and len(control) == 4
+    assert injected_split(pairs, 0.0)[0] == [] and injected_split(pairs, 1.0)[1] == []
+
+
+# --- the figures on a model whose log-probabilities the test computes itself -------------
+
+class WordTokenizer:
+    def __init__(self) -> None:
+        self.vocab = {"<sep>": 0}
+
+    def ids(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(w, len(self.vocab))
+                for w in re.findall(r"\w+|'s|[^\w\s]", text)]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self.ids(text)}
+
+
+@dataclass
+class BigramScorer:
+    """logits at t depend on token t only: log p(x_{t+1} | x_t) = log_softmax(W[x_t])."""
+
+    table: torch.Tensor
+    separator_id: int = 0
+    device: str = "cpu"
+
+    def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        return self.table[input_ids][:, -keep:]
+
+    def logprob(self, ids: list[int]) -> list[float]:
+        lsm = torch.log_softmax(self.table, -1)
+        return [float(lsm[a, b]) for a, b in itertools.pairwise(ids)]
+
+
+def test_ratio_gap_and_rank_against_an_independent_computation():
+    tokenizer = WordTokenizer()
+    pairs = read_pairs(SHIPPED_PAIRS, "csv")[:6]
+    templates = parse_templates(DEFAULT_TEMPLATES)
+    for p in pairs:  # fix the vocabulary before drawing the table
+        for s in sentences(p, templates):
+            tokenizer.ids(s)
+    torch.manual_seed(0)
+    scorer = BigramScorer(torch.randn(len(tokenizer.vocab), len(tokenizer.vocab)) * 3)
+    scores = score_pairs(scorer, tokenizer, pairs, pairs, DEFAULT_TEMPLATES, 2, seed=0)
+    for pair, got in zip(pairs, scores, strict=True):
+        forward, backward = sentences(pair, templates)
+        for sentence, ppl in ((forward, got.forward_ppl), (backward, got.backward_ppl)):
+            lp = scorer.logprob([0, *tokenizer.ids(sentence)])
+            assert math.isclose(ppl, math.exp(-sum(lp) / len(lp)), rel_tol=1e-5)
+    # rank: with a bigram model only the answer's own tokens differ; recompute the choice
+    import random
+    rng = random.Random(0)
+    parents, children = sorted({p.parent for p in pairs}), sorted({p.child for p in pairs})
+    for pair, got in zip(pairs, scores, strict=True):
+        forward, backward = sentences(pair, templates)
+        for sentence, answer, names, correct in (
+                (forward, pair.parent, parents, got.forward_correct),
+                (backward, pair.child, children, got.backward_correct)):
+            others = rng.sample([n for n in names if n != answer], 2)
+            prompt = sentence[:sentence.rindex(answer)].rstrip()
+
+            def total(candidate: str, prompt: str = prompt) -> float:
+                ids = [0, *tokenizer.ids(prompt)]
+                lp = scorer.logprob(ids + tokenizer.ids(f" {candidate}."))
+                return sum(lp[len(ids) - 1:])
+
+            assert correct == all(total(answer) > total(o) for o in others)
+
+
+def test_summary_figures_on_hand_made_scores():
+    scores = [PairScores(2.0, 8.0, True, False), PairScores(4.0, 4.0, True, True)]
+    summary = summarize(scores, "x_")
+    assert summary == {"x_pairs": 2, "x_forward_ppl": 3.0, "x_backward_ppl": 6.0,
+                       "x_reversal_ratio": 0.5, "x_reversal_gap": 3.0,
+                       "x_forward_rank_accuracy": 1.0, "x_backward_rank_accuracy": 0.5}
+    assert summarize([], "y_") == {"y_pairs": 0}
+
+
+# --- the stages on the tiny model -----------------------------------------------------------
+
+TRAIN_TINY = ("--d-model", "16", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32",
+              "--shortlist", "128", "--segment-length", "32", "--segments-per-sequence", "2",
+              "--max-train-tokens", "2048", "--val-max-tokens", "200", "--batch-size", "4",
+              "--reversal-repeats", "2")
+
+
+def test_train_lm_then_eval_ppl_reversal_and_memory(run_cli, tiny_model, prepared_tiny,
+                                                     tmp_path):
+    common = ("--model", str(tiny_model), "--device", "cpu")
+    result = run_cli("train-lm", *common, "--kind", "infini", "--data", str(prepared_tiny),
+                     *TRAIN_TINY, "--reversal-facts", str(SHIPPED_PAIRS), "--out",
+                     "lm/model.safetensors", "--metrics", "train.json", "--plot", "train.csv",
+                     cwd=tmp_path)
+    assert result.code == 0, result.err
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert train["kind"] == "infini" and train["train_tokens"] == (2048 - 1) // 64 * 64
+    assert train["val_ppl_flag"] in ("ok", "not_learning", "suspicious_low")
+    first = (tmp_path / "lm" / "model.safetensors").read_bytes()
+    assert run_cli("train-lm", *common, "--kind", "infini", "--data", str(prepared_tiny),
+                   *TRAIN_TINY, "--reversal-facts", str(SHIPPED_PAIRS), "--out",
+                   "lm/model.safetensors", "--metrics", "train.json", "--plot", "train.csv",
+                   cwd=tmp_path).code == 0
+    assert (tmp_path / "lm" / "model.safetensors").read_bytes() == first  # reproducible
+
+    result = run_cli("eval-ppl", *common, "--model-kind", "infini-lm", "--checkpoint",
+                     "lm/model.safetensors", "--data", str(prepared_tiny), "--max-tokens",
+                     "200", "--metrics", "ppl.json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    ppl = json.loads((tmp_path / "ppl.json").read_text())
+    assert ppl["context_length"] is None and ppl["tokens"] >= 200
+    # train-lm's val PPL is eval-ppl's figure on the same documents
+    assert math.isclose(ppl["token_ppl"], train["val_ppl"], rel_tol=1e-6)
+
+    result = run_cli("eval-reversal", *common, "--model-kind", "infini-lm", "--checkpoint",
+                     "lm/model.safetensors", "--max-pairs", "8", "--distractors", "2",
+                     "--pairs", str(SHIPPED_PAIRS), "--metrics", "rev.json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    rev = json.loads((tmp_path / "rev.json").read_text())
+    assert rev["pairs"] == 8 and rev["injected_pairs"] == 4 and rev["control_pairs"] == 4
+    assert math.isclose(rev["reversal_ratio"], rev["forward_ppl"] / rev["backward_ppl"])
+
+    result = run_cli("eval-memory", *common, "--checkpoint", "lm/model.safetensors",
+                     "--data", str(prepared_tiny), "--max-compressions", "4", "--targets", "2",
+                     "--passkey-fillers", "0,2", "--passkey-trials", "2", "--metrics",
+                     "mem.json", "--plot", "mem.csv", cwd=tmp_path)
+    assert result.code == 0, result.err
+    mem = json.loads((tmp_path / "mem.json").read_text())
+    assert {"ppl_after_0", "ppl_after_4", "passkey_after_0", "passkey_after_2"} <= set(mem)
+
+
+def test_bad_pairs_file_in_the_stage_is_one_line(run_cli, tiny_model, tmp_path):
+    (tmp_path / "p.csv").write_text("child,parent\nA,B\nC\n")
+    result = run_cli("eval-reversal", "--model", str(tiny_model), "--pairs", "p.csv",
+                     "--metrics", "rev.json", cwd=tmp_path)
+    assert_one_line_error(result, "p.csv:3: has fewer fields")
+    assert not (tmp_path / "rev.json").exists()
+
+
+@pytest.mark.real_model
+def test_eval_reversal_on_the_real_default_model(run_cli, real_assets, tmp_path):
+    result = run_cli("eval-reversal", "--model", str(real_assets / "smollm2-135m"),
+                     "--device", "cpu", "--pairs", str(SHIPPED_PAIRS), "--max-pairs", "12",
+                     "--metrics", "rev.json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    rev = json.loads((tmp_path / "rev.json").read_text())
+    assert rev["pairs"] == 12 and rev["model_kind"] == "hf"
+    # a 135M model knows famous parents better than chance and reads fluent sentences
+    assert 1 < rev["forward_ppl"] < 1000 and 1 < rev["backward_ppl"] < 1000
+    assert rev["forward_rank_accuracy"] > rev["chance_rank_accuracy"]
+    assert "injected_pairs" not in rev
+
+
+
