@@ -8,10 +8,11 @@ estimate of the update in c.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
-from newllm.artifacts import atomic_path, write_csv, write_metrics
+from newllm.artifacts import write_csv, write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.cvfp.checkpoint import save_blocks, token_stream
@@ -106,9 +107,8 @@ def phase1_context(base_params: BaseParams, params: Phase1Params) -> None:
                                    tokens_per_block=params.tokens_per_block,
                                    block_data=params.block_data,
                                    init_context=params.init_context, generator=generator)
-    with atomic_path(params.out) as tmp:
-        save_blocks(tmp, model, params=as_dict(base_params, params), base=info,
-                    extra={"separator_id": separator})
+    save_blocks(Path(params.out), model, params=as_dict(base_params, params), base=info,
+                extra={"separator_id": separator})  # atomic, with its .json sidecar
     write_csv(params.plots, PLOT_COLUMNS,
               [[r.get(k, "") for k in PLOT_COLUMNS] for r in records])
     metrics = {"num_blocks": params.num_blocks, "context_dim": params.context_dim,

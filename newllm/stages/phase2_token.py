@@ -9,10 +9,11 @@ loss, val PPL and val accuracy (targets that are not the separator, as eval-ppl 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
-from newllm.artifacts import atomic_path, write_csv, write_metrics
+from newllm.artifacts import write_csv, write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.cvfp.cache import load_cache
@@ -70,9 +71,8 @@ def phase2_token(base_params: BaseParams, params: Phase2TokenParams) -> None:
     if not is_main_process():
         return
     counts = parameter_counts(model)
-    with atomic_path(params.out) as tmp:
-        save_lm(tmp, model.cpu(), params=as_dict(base_params, params), base=info,
-                extra={"blocks": params.blocks, "separator_id": separator})
+    save_lm(Path(params.out), model.cpu(), params=as_dict(base_params, params), base=info,
+            extra={"blocks": params.blocks, "separator_id": separator})  # atomic, + sidecar
     write_csv(params.plots, ["epoch", "train_loss", "val_loss", "val_ppl", "val_accuracy"],
               [[e.epoch, e.train_loss, e.val_loss, e.val_ppl, e.val_accuracy] for e in history])
     last = history[-1]
