@@ -110,9 +110,8 @@ class ContextLayer(nn.Module):
     def context_weight(self) -> torch.Tensor:  # W's context half [context_dim, context_dim]
         return self.linear.weight[:, :self.context_dim]
 
-    def embedding_part(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """W_e e + b for many tokens at once: the half of the layer that needs no context."""
-        return F.linear(embeddings, self.linear.weight[:, self.context_dim:], self.linear.bias)
+    def embedding_weight(self) -> torch.Tensor:  # W's embedding half [context_dim, embed_dim]
+        return self.linear.weight[:, self.context_dim:]
 
 
 class ContextBlock(nn.Module):

@@ -54,7 +54,7 @@ class StackedBlocks:
 
         return cls(
             stack(lambda layer: layer.context_weight().t()).to(device, dtype),
-            stack(lambda layer: layer.linear.weight[:, layer.context_dim:].t()).to(device, dtype),
+            stack(lambda layer: layer.embedding_weight().t()).to(device, dtype),
             stack(lambda layer: layer.linear.bias).to(device, dtype),
             torch.stack([block.initial_context for block in blocks]).to(device, dtype),
             blocks[0].normalize,
