@@ -249,22 +249,23 @@ class Section:
     rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, {key: value})
 
 
-def metrics_file(pipeline: Pipeline, headline: Headline) -> str:
+def metrics_files(pipeline: Pipeline, headline: Headline) -> list[str]:
+    """The metrics file(s) a headline reads: its stage's one file, or for a per-row headline
+    on a matrix stage, each combination's one file (their keys merged into one table)."""
     stages = [s for s in pipeline.stages if headline.stage in (s.group, s.name)]
     if not stages:
         raise NewllmError(f"newllm/headlines.py: '{headline.name}' names stage "
                           f"'{headline.stage}', which {DVC_FILE} does not have.")
     paths = sorted({m for s in stages for m in s.metrics})
-    if len(paths) != 1:
+    per_combination = (headline.rows is not None and len(stages) > 1
+                       and all(len(s.metrics) == 1 for s in stages))
+    if len(paths) != 1 and not per_combination:
         raise NewllmError(f"newllm/headlines.py: '{headline.name}' needs a stage with one metrics "
                           f"file; {headline.stage} has {len(paths)} ({', '.join(paths)}).")
-    return paths[0]
+    return paths
 
 
-def read_section(pipeline: Pipeline, headline: Headline, root: Path = Path(".")) -> Section:
-    """The headline's figures from its stage's metrics file; NewllmError if absent or stale."""
-    path = metrics_file(pipeline, headline)
-    hint = _run_hint(headline.stage)
+def _read_metrics(root: Path, path: str, hint: str) -> dict[str, Any]:
     try:
         metrics = json.loads((root / path).read_text())
     except FileNotFoundError:
@@ -273,6 +274,22 @@ def read_section(pipeline: Pipeline, headline: Headline, root: Path = Path("."))
         raise NewllmError(f"{path} is not a readable JSON file ({exc}); {hint}.") from None
     if not isinstance(metrics, dict):
         raise NewllmError(f"{path} is not a JSON object of metrics; {hint}.")
+    return metrics
+
+
+def read_section(pipeline: Pipeline, headline: Headline, root: Path = Path(".")) -> Section:
+    """The headline's figures from its stage's metrics file(s); NewllmError if absent or
+    stale."""
+    paths = metrics_files(pipeline, headline)
+    path = ", ".join(paths)
+    hint = _run_hint(headline.stage)
+    metrics: dict[str, Any] = {}
+    for one in paths:
+        for key, value in _read_metrics(root, one, hint).items():
+            if key in metrics:
+                raise NewllmError(f"{one} repeats '{key}' of another {headline.stage} metrics "
+                                  f"file; each combination must write its own keys.")
+            metrics[key] = value
     if headline.rows is None:
         by_row = {"": metrics}
     else:

@@ -22,7 +22,7 @@ from conftest import REPO
 from test_report import PNG_MAGIC, assert_printed, row_key
 
 from newllm.headlines import HEADLINES
-from newllm.report import load_pipeline, metrics_file, producing_stage
+from newllm.report import load_pipeline, metrics_files, producing_stage
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None,
                                 reason="git is not installed; the DVC round trip needs a git repo")
@@ -68,8 +68,9 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["phase2_prep_cache"].update(train_tokens=400, chunk_tokens=128)
     params["phase2_token"].update(max_train_tokens=400, max_val_tokens=100, epochs=1,
                                   batch_size=32)
-    params["cvfp_grid"].update(configs="blocks2_500,inherit", phase1_tokens=200,
-                               max_iterations=1, train_tokens=300, val_tokens=100)
+    params["cvfp_grid_runs"]["configs"] = ["blocks2_500", "inherit"]
+    params["cvfp_grid"].update(phase1_tokens=200, max_iterations=1, train_tokens=300,
+                               val_tokens=100)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
     # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs
@@ -125,7 +126,8 @@ def test_dvc_remote_round_trip(tmp_path, tiny_model, mini_corpus, run_cli):
     assert result.code == 0, result.err
     report = json.loads(result.out)
     for headline in HEADLINES:
-        metrics = json.loads((clone / metrics_file(pipeline, headline)).read_text())
+        metrics = {k: v for path in metrics_files(pipeline, headline)
+                   for k, v in json.loads((clone / path).read_text()).items()}
         figures = report[headline.name]["figures"]
         if headline.rows is None:
             assert figures and all(metrics[k] == v for k, v in figures.items())
@@ -133,6 +135,7 @@ def test_dvc_remote_round_trip(tmp_path, tiny_model, mini_corpus, run_cli):
             assert all(metrics[row_key(headline.rows, row) + k] == v
                        for row, values in figures.items() for k, v in values.items())
     assert set(report["converter"]["figures"]) == {"1", "2"}  # per_layer.layers
+    assert set(report["cvfp_grid"]["figures"]) == {"blocks2_500", "inherit"}  # one per run
     result = run_cli("report", cwd=clone)
     assert result.code == 0, result.err
     assert_printed(result.out, {h.name: ({"": report[h.name]["figures"]} if h.rows is None

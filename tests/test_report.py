@@ -18,8 +18,9 @@ import pytest
 import yaml
 from conftest import REPO, assert_one_line_error
 
+from newllm.errors import NewllmError
 from newllm.headlines import HEADLINES, Figure, Headline
-from newllm.report import MISSING, load_pipeline, metrics_file
+from newllm.report import MISSING, load_pipeline, metrics_files, read_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -245,7 +246,10 @@ def test_outside_a_project(tmp_path, run_cli):
 def test_every_headline_names_a_real_stage_with_one_metrics_file():
     pipeline = load_pipeline(REPO)
     for headline in HEADLINES:
-        assert metrics_file(pipeline, headline).endswith(".json")
+        paths = metrics_files(pipeline, headline)
+        assert paths and all(path.endswith(".json") for path in paths)
+        # several files only for a per-row table over a matrix stage's combinations
+        assert len(paths) == 1 or headline.rows is not None
     assert len({h.name for h in HEADLINES}) == len(HEADLINES)
 
 
@@ -259,3 +263,26 @@ def test_resolver_agrees_with_dvc_on_the_real_pipeline():
     stages = load_pipeline(REPO).stages
     assert {s.name: sorted(s.metrics) for s in stages} == theirs
     assert {s.name: sorted(s.outs) for s in stages} == their_outs
+
+
+def test_a_per_row_headline_merges_a_matrix_stages_files(tmp_path):
+    """One metrics file per combination (cvfp-grid): the rows of all of them, in one table;
+    a key two combinations both write is an error, not a silent overwrite."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"runs": ["a", "b"]}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"grid": {
+        "matrix": {"run": "${runs}"}, "cmd": "true",
+        "metrics": [{"m/${item.run}.json": {"cache": False}}]}}}))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.json").write_text(json.dumps({"a__ppl": 1.5, "a__other": 0}))
+    (tmp_path / "m" / "b.json").write_text(json.dumps({"b__ppl": 2.5}))
+    headline = Headline("grid", "Grid", "grid", (Figure("ppl", "PPL", ".1f"),), rows=r"(\w+?)__")
+    pipeline = load_pipeline(tmp_path)
+    assert metrics_files(pipeline, headline) == ["m/a.json", "m/b.json"]
+    section = read_section(pipeline, headline, tmp_path)
+    assert section.rows == (("a", {"ppl": 1.5}), ("b", {"ppl": 2.5}))
+    single = Headline("grid", "Grid", "grid", (Figure("a__ppl", "PPL", ".1f"),))
+    with pytest.raises(NewllmError, match="needs a stage with one metrics file"):
+        metrics_files(pipeline, single)
+    (tmp_path / "m" / "b.json").write_text(json.dumps({"b__ppl": 2.5, "a__ppl": 9.0}))
+    with pytest.raises(NewllmError, match=r"m/b\.json repeats 'a__ppl'"):
+        read_section(pipeline, headline, tmp_path)

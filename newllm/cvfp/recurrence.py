@@ -6,8 +6,9 @@ blocks' initial contexts. Three ways to get the same contexts:
 - `naive_contexts`: the seeds' loop, one `CVFPLM.step` per token (the reference).
 - `sequential`: per chunk of tokens, the half of every layer that reads only the token,
   W_e e_t + b, is one matmul for the whole chunk; what must stay sequential,
-  c <- c + ReLU(c W_c + (W_e e_t + b)), runs for all blocks at once as one batched
-  product per layer inside a TorchScript loop.
+  c <- c + ReLU(W_c c + (W_e e_t + b)), runs as a compiled loop with one BLAS
+  matrix-vector product per layer and token, each block on its own core (numba on the
+  CPU; a TorchScript loop on other devices, where numba does not run).
 - `picard`: a chunk-parallel fixed-point solve. Guess every context of a window, then
   sweep c_t <- f(c_{t-1}, e_t) for all t of the window at once (one matmul per layer),
   until the largest change is below `tolerance`. After k sweeps the first k positions are
@@ -25,6 +26,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +96,49 @@ def sequential_scan(context_weights: torch.Tensor, parts: torch.Tensor,
     return torch.stack([torch.jit.wait(future) for future in futures], dim=2)
 
 
+@numba.njit(parallel=True, cache=True)
+def _scan_cpu(weights: np.ndarray, parts: np.ndarray, initial: np.ndarray, normalize: bool,
+              out: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """The recurrence over one chunk on the CPU: weights [B, L, d, d] (W_c, so W_c @ c),
+    parts [T, L, B, d], initial [B, d] -> out [T, L, B, d]. Blocks run in parallel; the
+    elementwise part accumulates in float64, so it rounds no worse than torch's."""
+    num_blocks, num_layers, dim = weights.shape[0], weights.shape[1], weights.shape[2]
+    for block in numba.prange(num_blocks):
+        context = initial[block].copy()
+        for t in range(parts.shape[0]):
+            for layer in range(num_layers):
+                update = weights[block, layer] @ context  # the only O(d^2) step: BLAS gemv
+                part = parts[t, layer, block]
+                total = 0.0
+                for i in range(dim):
+                    context[i] += max(update[i] + part[i], 0.0)
+                    total += context[i]
+                if normalize:  # LayerNorm without affine, eps as torch's default
+                    mean = total / dim
+                    variance = 0.0
+                    for i in range(dim):
+                        variance += (context[i] - mean) ** 2
+                    scale = 1.0 / np.sqrt(variance / dim + 1e-5)
+                    for i in range(dim):
+                        context[i] = (context[i] - mean) * scale
+                out[t, layer, block] = context
+
+
+def cpu_scan(context_weights: torch.Tensor, parts: torch.Tensor, context: torch.Tensor,
+             normalize: bool) -> torch.Tensor:
+    """`sequential_scan` on the CPU through the compiled kernel: same shapes, same contexts."""
+    weights = np.ascontiguousarray(context_weights.permute(1, 0, 3, 2).numpy())
+    out = np.empty(tuple(parts.shape), dtype=weights.dtype)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(parts.shape[2], torch.get_num_threads(), threads)))
+    try:
+        _scan_cpu(weights, parts.contiguous().numpy(), context.contiguous().numpy(),
+                  normalize, out)
+    finally:
+        numba.set_num_threads(threads)
+    return torch.from_numpy(out)
+
+
 @contextlib.contextmanager
 def one_thread_per_op() -> Iterator[None]:
     """A matrix-vector product per token is too small to split across threads: the
@@ -157,6 +203,8 @@ def scan(blocks: StackedBlocks, parts: torch.Tensor, context: torch.Tensor, meth
          tolerance: float = 1e-6) -> tuple[torch.Tensor, list[int]]:
     """One chunk: parts [T, L, B, d] from `context` [B, d] -> ([T, L, B, d], picard sweeps)."""
     if method == "sequential":
+        if parts.device.type == "cpu" and parts.dtype in (torch.float32, torch.float64):
+            return cpu_scan(blocks.context_weights, parts, context, blocks.normalize), []
         if parts.device.type != "cpu":
             return sequential_scan(blocks.context_weights, parts, context, blocks.normalize), []
         with one_thread_per_op():

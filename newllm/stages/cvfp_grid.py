@@ -1,4 +1,5 @@
-"""cvfp-grid: seeds/003's configuration table and ablations at one shared token budget."""
+"""cvfp-grid: one configuration of seeds/003's table or its ablations at the shared token
+budget (dvc.yaml runs every one of cvfp_grid_runs.configs as a matrix)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from newllm.tokens import separator_token_id
 class CvfpGridParams:
     group = "cvfp_grid"
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
-    configs: str = param(",".join(GRID), "Comma-separated configurations to run, of: "
-                         + ", ".join(GRID) + ".")
+    config: str = param("blocks2_500", "Configuration to run, one of: " + ", ".join(GRID)
+                        + ".")
     phase1_tokens: int = param(6000, "Phase-1 train tokens per configuration (shared among "
                                "its blocks).", min=2)
     max_iterations: int = param(5, "Phase-1 parallel iterations.", min=1)
@@ -32,8 +33,9 @@ class CvfpGridParams:
     batch_size: int = param(256, "Phase-2 positions per step.", min=1)
     lr: float = param(1e-3, "Phase-2 Adam learning rate.", min=1e-12)
     seed: int = param(0, "Seed of every configuration.", min=0)
-    metrics: str = param("metrics/cvfp/grid.json", "Metrics JSON: <config>_val_ppl, ...")
-    plots: str = param("plots/cvfp/grid.csv", "One row per configuration (CSV).")
+    metrics_dir: str = param("metrics/cvfp/grid", "Metrics JSON <config>.json in here: "
+                             "<config>__val_ppl, ...")
+    plots_dir: str = param("plots/cvfp/grid", "Plots CSV <config>.csv in here (one row).")
 
 
 COLUMNS = ["val_ppl", "val_accuracy", "seed_val_ppl", "seed_val_accuracy",
@@ -46,12 +48,9 @@ COLUMNS = ["val_ppl", "val_accuracy", "seed_val_ppl", "seed_val_accuracy",
                     "embeddings, no context norm) at one token budget; val PPL and accuracy "
                     "beside the seed's figures.")
 def cvfp_grid(base_params: BaseParams, params: CvfpGridParams) -> None:
-    names = [name.strip() for name in params.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in GRID]
-    if unknown or not names:
-        given = unknown[0] if unknown else params.configs
-        raise NewllmError(f"cvfp_grid.configs: unknown configuration '{given}'; expected a "
-                          f"comma-separated list of {', '.join(GRID)}.")
+    if params.config not in GRID:
+        raise NewllmError(f"cvfp_grid.config: unknown configuration '{params.config}'; "
+                          f"expected one of {', '.join(GRID)}.")
     base = base_params.load()
     embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
     separator = separator_token_id(base.tokenizer, base_params.separator_token)
@@ -62,18 +61,15 @@ def cvfp_grid(base_params: BaseParams, params: CvfpGridParams) -> None:
     train_ids = token_stream(params.data, "train", separator, data,
                              max(params.phase1_tokens, params.train_tokens))
     val_ids = token_stream(params.data, "val", separator, data, params.val_tokens)
-    results = {}
-    for name in names:
-        results[name] = run_config(name, embeddings, train_ids, val_ids, separator, budget,
-                                   params.seed, base.device)
-        r = results[name]
-        click.echo(f"{name}: val PPL {r['val_ppl']:.1f} (seed {r['seed_val_ppl']}), val "
-                   f"accuracy {100 * r['val_accuracy']:.2f}%, {r['seconds']:.0f} s")
-    write_metrics(params.metrics, {
-        "phase1_tokens": params.phase1_tokens, "train_tokens": params.train_tokens,
-        "val_tokens": params.val_tokens, "epochs": params.epochs,
-        **{f"{name}__{key}": value for name, r in results.items() for key, value in r.items()
-           if value is not None},  # the seed gives no figure
-    })
-    write_csv(params.plots, ["config", *COLUMNS],
-              [[name, *[r[c] for c in COLUMNS]] for name, r in results.items()])
+    name = params.config
+    result = run_config(name, embeddings, train_ids, val_ids, separator, budget, params.seed,
+                        base.device)
+    click.echo(f"{name}: val PPL {result['val_ppl']:.1f} (seed {result['seed_val_ppl']}), val "
+               f"accuracy {100 * result['val_accuracy']:.2f}%, {result['seconds']:.0f} s")
+    write_metrics(f"{params.metrics_dir}/{name}.json", {
+        f"{name}__{key}": value for key, value in {
+            "phase1_tokens": params.phase1_tokens, "train_tokens": params.train_tokens,
+            "val_tokens": params.val_tokens, "epochs": params.epochs, **result}.items()
+        if value is not None})  # the seed gives no figure
+    write_csv(f"{params.plots_dir}/{name}.csv", ["config", *COLUMNS],
+              [[name, *[result[c] for c in COLUMNS]]])
