@@ -82,6 +82,11 @@ class BaseModel:
     info: BaseInfo
     device: torch.device
 
+    def input_embeddings(self) -> torch.Tensor:
+        """The input embedding matrix [vocab, hidden] as a float32 CPU copy, outside autograd:
+        what a line trains against, or reads rows from, while the base stays untouched."""
+        return self.model.get_input_embeddings().weight.detach().float().cpu()
+
 
 @dataclass(frozen=True)
 class _Source:

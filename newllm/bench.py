@@ -291,7 +291,7 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
     from newllm.tokens import separator_token_id
 
     base = load_base(model, device="cpu")
-    embeddings = base.model.get_input_embeddings().weight.detach().float()
+    embeddings = base.input_embeddings()
     scratch = Path(tempfile.mkdtemp(prefix="newllm-bench-"))
     if Path(blocks).is_file():
         cvfp, _ = load_blocks(blocks, base.info.as_dict(), embeddings)

@@ -38,6 +38,15 @@ def param(
     return field(default=default, metadata=meta)
 
 
+def check_choices(group: str, values: tuple[tuple[str, Any, tuple[str, ...]], ...]) -> None:
+    """(key, value, allowed) of a library config: a one-line error naming `group.key` for a
+    value outside its choices (a config built in code, not through a stage's options)."""
+    for key, value, allowed in values:
+        if value not in allowed:
+            raise NewllmError(f"{group}.{key} must be one of {', '.join(allowed)}, got "
+                              f"{value!r}.")
+
+
 def group_name(cls: type) -> str:
     """The params.yaml group of a params dataclass (its `group` class attribute)."""
     return cls.group  # type: ignore[attr-defined]

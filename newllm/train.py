@@ -30,6 +30,7 @@ from torch import nn
 
 from newllm.artifacts import write_csv
 from newllm.errors import NewllmError
+from newllm.params import check_choices
 from newllm.runtime import progress, resolve_device, warn_if_slow_bfloat16
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -53,12 +54,9 @@ class TrainConfig:
     device: str | torch.device = "cpu"  # auto | cpu | cuda | mps
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
-                                     ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("schedule", self.schedule, SCHEDULES)):
-            if value not in allowed:
-                raise NewllmError(f"{self.key}.{name} must be one of {', '.join(allowed)}, "
-                                  f"got {value!r}.")
+        check_choices(self.key, (("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
+                                 ("optimizer", self.optimizer, OPTIMIZERS),
+                                 ("schedule", self.schedule, SCHEDULES)))
 
 
 @dataclass(frozen=True)

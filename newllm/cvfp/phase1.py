@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from newllm.cvfp.model import CVFPLM, ContextBlock
 from newllm.cvfp.recurrence import block_contexts
 from newllm.errors import NewllmError
+from newllm.params import check_choices
 from newllm.runtime import progress
 
 INITS = ("sequential", "noise")
@@ -95,12 +96,9 @@ def shifted(previous: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
 
 
 def check_phase1_config(config: Phase1Config) -> None:
-    for name, value, allowed in (("init", config.init, INITS),
-                                 ("diversity", config.diversity, DIVERSITIES),
-                                 ("cvfp_target", config.cvfp_target, CVFP_TARGETS)):
-        if value not in allowed:
-            raise NewllmError(f"phase1.{name} must be one of {', '.join(allowed)}, got "
-                              f"{value!r}.")
+    check_choices("phase1", (("init", config.init, INITS),
+                             ("diversity", config.diversity, DIVERSITIES),
+                             ("cvfp_target", config.cvfp_target, CVFP_TARGETS)))
 
 
 def train_block(block: ContextBlock, embeddings: torch.Tensor, val_embeddings: torch.Tensor,

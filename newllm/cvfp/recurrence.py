@@ -22,7 +22,6 @@ on the device at a time, under no_grad.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from newllm.cvfp.model import CVFPLM, ContextBlock
-from newllm.runtime import progress
+from newllm.runtime import progress, single_thread
 
 METHODS = ("sequential", "picard")
 PICARD_WINDOW = 256  # positions solved together; at most this many sweeps per window
@@ -139,18 +138,6 @@ def cpu_scan(context_weights: torch.Tensor, parts: torch.Tensor, context: torch.
     return torch.from_numpy(out)
 
 
-@contextlib.contextmanager
-def one_thread_per_op() -> Iterator[None]:
-    """A matrix-vector product per token is too small to split across threads: the
-    synchronisation costs more than it saves (measured 10x slower with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def apply_layers(context_weights: torch.Tensor, parts: torch.Tensor,
                  previous: torch.Tensor, normalize: bool) -> torch.Tensor:
     """f for many positions at once: previous [T, B, d] (each position's c_{t-1}) -> every
@@ -207,7 +194,7 @@ def scan(blocks: StackedBlocks, parts: torch.Tensor, context: torch.Tensor, meth
             return cpu_scan(blocks.context_weights, parts, context, blocks.normalize), []
         if parts.device.type != "cpu":
             return sequential_scan(blocks.context_weights, parts, context, blocks.normalize), []
-        with one_thread_per_op():
+        with single_thread():
             return sequential_scan(blocks.context_weights, parts, context, blocks.normalize), []
     return picard_scan(blocks.context_weights, parts, context, blocks.normalize, tolerance)
 

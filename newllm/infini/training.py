@@ -21,9 +21,7 @@ through `newllm.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +32,9 @@ from newllm.artifacts import load_artifact, save_artifact
 from newllm.base import BaseInfo
 from newllm.errors import NewllmError
 from newllm.infini.models import LM_KIND, LMConfig, SegmentLM
+from newllm.runtime import single_thread
 
 LOW_PPL, HIGH_PPL = 5.0, 1000.0  # the seed's diagnostic bands
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """One torch thread inside the block: these models' matrices are so small that a second
-    thread only adds synchronisation (on a shared 2-core machine it made training ~30x
-    slower), and one thread makes float32 sums the same on any machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def ppl_flag(ppl: float) -> str:

@@ -52,7 +52,7 @@ def cvfp_grid(base_params: BaseParams, params: CvfpGridParams) -> None:
         raise NewllmError(f"cvfp_grid.config: unknown configuration '{params.config}'; "
                           f"expected one of {', '.join(GRID)}.")
     base = base_params.load()
-    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    embeddings = base.input_embeddings()
     separator = separator_token_id(base.tokenizer, base_params.separator_token)
     seed_everything(params.seed)
     data = base.info.tokenizer_only()

@@ -16,9 +16,10 @@ from newllm.cli import stage_command
 from newllm.data import SPLITS, load_split
 from newllm.errors import NewllmError
 from newllm.infini.probes import compressions_curve, passkey_accuracy
-from newllm.infini.training import load_lm, single_thread
+from newllm.infini.training import load_lm
 from newllm.params import param
 from newllm.ppl import build_stream
+from newllm.runtime import single_thread
 
 
 @dataclass

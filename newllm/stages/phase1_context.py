@@ -94,7 +94,7 @@ PLOT_COLUMNS = ["block", "iteration", "loss", "cvfp_loss", "diversity_loss",
 def phase1_context(base_params: BaseParams, params: Phase1Params) -> None:
     base = base_params.load()
     info = base.info.as_dict()
-    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    embeddings = base.input_embeddings()
     separator = separator_token_id(base.tokenizer, base_params.separator_token)
     generator = seed_everything(params.seed)
     model = CVFPLM(CVFPConfig(embeddings.shape[0], embeddings.shape[1], params.num_blocks,

@@ -51,7 +51,7 @@ class PrepCacheParams:
 def phase2_prep_cache(base_params: BaseParams, params: PrepCacheParams) -> None:
     base = base_params.load()
     info = base.info.as_dict()
-    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    embeddings = base.input_embeddings()
     model, _ = load_blocks(params.blocks, info, embeddings)
     separator = separator_token_id(base.tokenizer, base_params.separator_token)
     streams = {split: token_stream(params.data, split, separator, base.info.tokenizer_only(),

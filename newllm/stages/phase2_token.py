@@ -56,7 +56,7 @@ class Phase2TokenParams:
 def phase2_token(base_params: BaseParams, params: Phase2TokenParams) -> None:
     base = base_params.load()
     info = base.info.as_dict()
-    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    embeddings = base.input_embeddings()
     model, _ = load_blocks(params.blocks, info, embeddings, head=params.head,
                            freeze_embeddings=params.freeze_embeddings)
     digest = blocks_hash(model)

@@ -85,7 +85,7 @@ def train_converter(base_params: BaseParams, params: TrainConverterParams) -> No
     if not is_main_process():  # under `accelerate launch` one process writes the outputs
         return
 
-    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    embeddings = base.input_embeddings()
     with torch.no_grad():
         predicted = converter(x[val_rows])
         fitted = converter(x[train_rows])

@@ -40,11 +40,10 @@ from newllm.infini.training import (
     ppl_flag,
     save_lm,
     sequence_loss,
-    single_thread,
 )
 from newllm.params import as_dict, param
 from newllm.ppl import DOCUMENT_MODES, build_stream, evaluate_ppl
-from newllm.runtime import resolve_device, seed_everything
+from newllm.runtime import resolve_device, seed_everything, single_thread
 from newllm.tokens import separator_token_id
 from newllm.train import COMPUTE_DTYPES, TrainConfig, Trainer
 
