@@ -19,9 +19,12 @@ from newllm.cvfp.phase1 import (
 )
 from newllm.cvfp.phase2 import evaluate, train_token_block
 from newllm.cvfp.recurrence import (
+    StackedBlocks,
     block_contexts,
     chunked_contexts,
+    cpu_scan,
     naive_contexts,
+    sequential_scan,
     stream_contexts,
 )
 from newllm.errors import NewllmError
@@ -75,6 +78,21 @@ def test_chunked_cache_equals_the_per_token_loop(norm, layers, method):
     assert torch.allclose(got, expected, atol=1e-5)
     if method == "picard":
         assert all(1 <= s <= 50 for c in chunks for s in c.sweeps)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "none"])
+def test_compiled_cpu_kernel_equals_the_torchscript_loop(norm):
+    """The numba kernel (CPU, float32/64) and the TorchScript loop (other devices and
+    dtypes) are two implementations of one recurrence: same contexts, E-variant included."""
+    model = tiny_lm(2, blocks=3, norm=norm).double()
+    blocks = StackedBlocks.of(model.context_blocks, dtype=torch.float64)
+    parts = blocks.embedding_parts(model.embed(torch.randint(0, VOCAB, (120,))))
+    assert parts.shape == (120, 2, 3, 6)
+    context = torch.randn(3, 6, dtype=torch.float64)
+    expected = sequential_scan(blocks.context_weights, parts, context, blocks.normalize)
+    got = cpu_scan(blocks.context_weights, parts, context, blocks.normalize)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, expected, atol=1e-10, rtol=0)
 
 
 def test_picard_stops_once_a_sweep_changes_nothing():
