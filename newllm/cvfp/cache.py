@@ -18,7 +18,7 @@ import torch
 
 from newllm.artifacts import load_artifact, save_artifact, write_json
 from newllm.cvfp.model import CVFPLM
-from newllm.cvfp.recurrence import chunked_contexts
+from newllm.cvfp.recurrence import chunked_contexts, compile_cpu_kernel, uses_cpu_kernel
 from newllm.errors import NewllmError
 
 CACHE_KIND = "cvfp-context-cache"
@@ -44,6 +44,8 @@ def write_cache(folder: Path, model: CVFPLM, streams: dict[str, torch.Tensor], *
     """Write each stream's contexts chunk by chunk into `folder` (a fresh, atomic folder)."""
     index: dict[str, Any] = {"kind": CACHE_KIND, **provenance, "splits": {}}
     stats = {}
+    if method == "sequential" and uses_cpu_kernel(device, compute_dtype):
+        compile_cpu_kernel(compute_dtype)  # the tokens/s below are the kernel's, not numba's
     for split, token_ids in streams.items():
         files, sweeps, began = [], [], time.perf_counter()
         chunks = chunked_contexts(model, token_ids, chunk_tokens=chunk_tokens, method=method,

@@ -138,6 +138,18 @@ def cpu_scan(context_weights: torch.Tensor, parts: torch.Tensor, context: torch.
     return torch.from_numpy(out)
 
 
+def uses_cpu_kernel(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether `sequential` runs the numba kernel (CPU, float32/64) or the TorchScript loop."""
+    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def compile_cpu_kernel(dtype: torch.dtype = torch.float32) -> None:
+    """Compile the CPU kernel for `dtype` now (or load it from numba's cache), so that a
+    timing taken next leaves the one-off compilation out."""
+    one = torch.zeros(1, 1, 1, 1, dtype=dtype)
+    cpu_scan(one, one, one[0, 0], True)
+
+
 def apply_layers(context_weights: torch.Tensor, parts: torch.Tensor,
                  previous: torch.Tensor, normalize: bool) -> torch.Tensor:
     """f for many positions at once: previous [T, B, d] (each position's c_{t-1}) -> every
@@ -190,7 +202,7 @@ def scan(blocks: StackedBlocks, parts: torch.Tensor, context: torch.Tensor, meth
          tolerance: float = 1e-6) -> tuple[torch.Tensor, list[int]]:
     """One chunk: parts [T, L, B, d] from `context` [B, d] -> ([T, L, B, d], picard sweeps)."""
     if method == "sequential":
-        if parts.device.type == "cpu" and parts.dtype in (torch.float32, torch.float64):
+        if uses_cpu_kernel(parts.device, parts.dtype):
             return cpu_scan(blocks.context_weights, parts, context, blocks.normalize), []
         if parts.device.type != "cpu":
             return sequential_scan(blocks.context_weights, parts, context, blocks.normalize), []
