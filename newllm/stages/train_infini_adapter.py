@@ -19,6 +19,7 @@ synchronisation made this stage 5 to 10x slower (4 to 10 min instead of well und
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -110,11 +111,12 @@ class TrainInfiniAdapterParams:
                     "layer 0 (α = 0 at start) or an Infini layer distilled from layer 0 that "
                     "then replaces it, fine-tuned with per-group learning rates.")
 def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
-    with single_thread():
-        _run(base_params, params)
+    with contextlib.ExitStack() as one_thread:
+        _run(base_params, params, one_thread)
 
 
-def _run(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
+def _run(base_params: BaseParams, params: TrainInfiniAdapterParams,
+         one_thread: contextlib.ExitStack) -> None:
     base = base_params.load()
     model, tokenizer = base.model, base.tokenizer
     separator_id = separator_token_id(tokenizer, base_params.separator_token)
@@ -122,6 +124,9 @@ def _run(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
     train_docs, _ = load_split(params.data, "train", base=tokens_only).documents()
     val_docs, _ = load_split(params.data, "val", base=tokens_only).documents(
         params.val_max_tokens)
+    # The compute on one thread; loading and saving outside it, so artifacts record (and are
+    # checked against) the machine's usual thread count.
+    one_thread.enter_context(single_thread())
     generator = seed_everything(params.seed)
     facts: list[list[int]] = []
     reversal: dict[str, object] = {"pairs": params.reversal_facts, "pairs_hash": None,
@@ -134,7 +139,7 @@ def _run(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
         reversal.update(pairs_hash=file_hash(params.reversal_facts),
                         injected=[p.key for p in injected], control=[p.key for p in control])
     stream = training_stream(train_docs, facts, separator_id, params.max_train_tokens,
-                             random.Random(params.seed))
+                             random.Random(params.seed), group="train_infini_adapter")
     sequences = make_sequences(stream, params.segment_length * params.segments_per_sequence)
     sequences = sequences.to(base.device)
     val_streams = [build_stream([d], separator_id)[0].to(base.device) for d in val_docs]
@@ -195,6 +200,7 @@ def _run(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
     # whole base changed, so the artifact is the whole model; a frozen base keeps layer 0's
     # new weights only.
     whole = not (params.mode == "parallel" and params.freeze_base_model)
+    one_thread.close()
     save_artifact(params.out, trained_weights(model, trained, whole), kind=ADAPTER_KIND,
                   stage="train-infini-adapter", params=as_dict(base_params, params),
                   base=base.info.as_dict(),
