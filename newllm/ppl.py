@@ -71,7 +71,6 @@ def nll_from_logits(scorer: Scorer, input_ids: torch.Tensor, keep: int,
 MODEL_KINDS: dict[str, str] = {
     "hf": "newllm.ppl:load_hf_scorer",
     "infini-lm": "newllm.infini.training:load_infini_scorer",
-    "infini-adapter": "newllm.infini.adapter:load_adapter_scorer",
     "cvfp": "newllm.cvfp.scorer:load_cvfp_scorer",
 }
 # Architectures whose logits are exactly lm_head(decoder(x).last_hidden_state).

@@ -383,13 +383,6 @@ CASES = [
     Case("adapter-facts-over-budget", (*ADAPTER, "--reversal-facts", "shipped",
                                        "--reversal-repeats", "100"), prepared(),
          ("more than train_infini_adapter.max_train_tokens (400)", "reversal_repeats")),
-    Case("reversal-infini-adapter-without-checkpoint",
-         (*REVERSAL, "--model-kind", "infini-adapter"), None,
-         ("model kind infini-adapter needs a checkpoint",)),
-    Case("reversal-infini-adapter-wrong-artifact",
-         (*REVERSAL, "--model-kind", "infini-adapter", "--checkpoint", "lm.safetensors"),
-         copy_from_foreign("pairs/layer2/pairs.safetensors", "lm.safetensors"),
-         ("is a 'hidden-embedding-pairs' artifact, expected 'infini-adapter'",)),
     Case("infini-report-metrics-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
          ("im/eval_reversal.json does not exist",)),
     # chameleon: self-generate, estimate-directions, eval-chameleon

@@ -23,7 +23,7 @@ norm / LM head at `other_lr_scale` × lr.
 The trained model is an artifact of kind `infini-adapter` holding every weight that moved
 (the whole model after full fine-tuning, only the adapter and α with a frozen base), so
 `load_adapted` rebuilds it on the same base and `AdapterScorer` (eval-ppl / eval-reversal
-model kind `infini-adapter`) reads it, in segments with the memory carried.
+model kind `infini-lm` given such an artifact) reads it, in segments with the memory carried.
 """
 
 from __future__ import annotations
@@ -341,9 +341,9 @@ def load_adapted(model: nn.Module, path: str | Path, base: dict[str, Any]) -> di
 
 @dataclass
 class AdapterScorer:
-    """eval-ppl / eval-reversal model kind `infini-adapter`: the adapted base read in
-    segments of its training length from an empty memory (rows are right-padded, so padding
-    only ever precedes a row's own padding in the memory)."""
+    """eval-ppl / eval-reversal model kind `infini-lm` on an adapter artifact: the adapted
+    base read in segments of its training length from an empty memory (rows are
+    right-padded, so padding only ever precedes a row's own padding in the memory)."""
 
     model: nn.Module
     segment_length: int
@@ -361,12 +361,10 @@ class AdapterScorer:
 
 
 def load_adapter_scorer(base_params: Any, checkpoint: str | None) -> AdapterScorer:
-    """The `infini-adapter` model kind: base.model with a train-infini-adapter artifact."""
+    """base.model with a train-infini-adapter artifact (model kind `infini-lm` dispatches here
+    on the artifact's kind)."""
     from newllm.tokens import separator_token_id
 
-    if checkpoint is None:
-        raise NewllmError("model kind infini-adapter needs a checkpoint: a "
-                          "train-infini-adapter artifact, got null.")
     base = base_params.load()
     meta = load_adapted(base.model, checkpoint, base.info.as_dict())
     base.model.eval()

@@ -34,8 +34,8 @@ from newllm.ppl import MODEL_KINDS, load_scorer
 @dataclass
 class EvalReversalParams:
     group = "eval_reversal"
-    model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model, "
-                            "infini-adapter = a train-infini-adapter model, read from "
+    model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model or "
+                            "base.model with a train-infini-adapter memory, read from "
                             "`checkpoint`.", choices=tuple(MODEL_KINDS))
     checkpoint: str | None = param(None, "train-lm / train-infini-adapter model artifact "
                                    "(null for hf).")
