@@ -162,12 +162,17 @@ HEADLINES: tuple[Headline, ...] = (
             Figure("control_backward_ppl", "control bwd PPL", ".1f"),
             Figure("injected_backward_rank_accuracy", "injected bwd rank acc.", ".2f"),
             Figure("control_backward_rank_accuracy", "control bwd rank acc.", ".2f"),
+            Figure("segmented_val_ppl", "adapter val PPL (64-token segments)", ".2f"),
+            Figure("alpha", "α", ".5f"),
+            Figure("after_distill_val_ppl", "PPL after distillation", ".1f"),
         ),
         note="Tiny models (same size, same training tokens) trained by train-lm; val PPL by "
              "eval-ppl (recurrent: segments with memory carried); 'compressed' = segments "
              "written to memory before a fixed late val segment (eval-memory); injected = "
              "pairs whose forward sentence was in the training stream, control = never "
              "shown (for the base: all pairs); rank accuracy is among 4 distractors (chance "
-             "0.20).",
+             "0.20). adapter-* rows: memory on the pretrained base (train-infini-adapter, "
+             "~1k fine-tuning tokens), their val PPL on the first val documents read in "
+             "64-token segments (adapter-base: the unchanged base read so).",
     ),
 )

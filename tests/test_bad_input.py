@@ -160,6 +160,10 @@ TRAIN_LM = ("train-lm", "--model", "{model}", "--data", "prepared", "--d-model",
 REVERSAL = ("eval-reversal", "--model", "{model}", "--metrics", "rev.json")
 MEMORY = ("eval-memory", "--model", "{model}", "--checkpoint", "lm.safetensors", "--data",
           "prepared", "--metrics", "mem.json", "--plot", "mem.csv")
+ADAPTER = ("train-infini-adapter", "--model", "{model}", "--data", "prepared",
+           "--segment-length", "16", "--segments-per-sequence", "2", "--max-train-tokens",
+           "400", "--val-max-tokens", "100", "--reversal-facts", "null", "--out",
+           "ad.safetensors", "--metrics", "ad.json")
 INFINI_REPORT = ("infini-report", "--metrics-dir", "im", "--base-ppl", "ppl.json",
                  "--metrics", "ir.json")
 SELFGEN = ("self-generate", "--model", "{model}", "--out", "gen.safetensors", "--metrics",
@@ -373,6 +377,12 @@ CASES = [
     Case("eval-ppl-infini-lm-wrong-artifact", (*EVAL, "--model-kind", "infini-lm",
                                                "--checkpoint", "prepared/val.safetensors"),
          prepared(), ("is a 'prepared-split' artifact, expected 'infini-lm'",)),
+    Case("adapter-replace-frozen", (*ADAPTER, "--mode", "replace", "--freeze-base-model",
+                                    "true"), prepared(),
+         ("train_infini_adapter.freeze_base_model is for mode parallel",)),
+    Case("adapter-facts-over-budget", (*ADAPTER, "--reversal-facts", "shipped",
+                                       "--reversal-repeats", "100"), prepared(),
+         ("more than train_infini_adapter.max_train_tokens (400)", "reversal_repeats")),
     Case("infini-report-metrics-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
          ("im/eval_reversal.json does not exist",)),
     # chameleon: self-generate, estimate-directions, eval-chameleon

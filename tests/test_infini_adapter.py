@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import assert_one_line_error
 
 from newllm.base import load_base
 from newllm.infini.adapter import (
@@ -97,10 +98,10 @@ def test_the_stage_in_both_modes(run_cli, tiny_model, prepared_tiny, tmp_path):
               "--segment-length", "16", "--segments-per-sequence", "2", "--max-train-tokens",
               "400", "--val-max-tokens", "200", "--d-ff", "32")
     result = run_cli("train-infini-adapter", *common, "--mode", "parallel", "--out", "p.st",
-                     "--metrics", "p.json", cwd=tmp_path)
+                     "--metrics", "p.json", "--reversal-facts", "null", cwd=tmp_path)
     assert result.code == 0, result.err
     parallel = json.loads((tmp_path / "p.json").read_text())
-    assert parallel["step0_val_ppl"] == parallel["base_val_ppl"]  # α = 0: exactly the base
+    assert parallel["step0_max_abs_logit_diff"] == 0.0  # α = 0: exactly the base
     assert parallel["alpha"] != 0.0
     result = run_cli("train-infini-adapter", *common, "--mode", "replace", "--out", "r.st",
                      "--metrics", "r.json", "--reversal-facts", "shipped",
@@ -108,3 +109,75 @@ def test_the_stage_in_both_modes(run_cli, tiny_model, prepared_tiny, tmp_path):
     assert result.code == 0, result.err
     replace = json.loads((tmp_path / "r.json").read_text())
     assert {"distill_error_held_out", "after_distill_val_ppl", "val_ppl"} <= set(replace)
+    result = run_cli("train-infini-adapter", *common, "--mode", "replace",
+                     "--freeze-base-model", "true", "--out", "x.st", "--metrics", "x.json",
+                     cwd=tmp_path)
+    assert_one_line_error(result, "freeze_base_model", "parallel")
+    assert not (tmp_path / "x.st").exists() and not (tmp_path / "x.json").exists()
+
+
+def _trained_logits(model, ids, segment_length):
+    from newllm.infini.adapter import segmented_logits
+
+    return segmented_logits(model, ids, segment_length)
+
+
+def test_the_artifact_rebuilds_the_trained_model(run_cli, tiny_model, prepared_tiny, tmp_path):
+    """Whole model (full fine-tuning, replace) or adapter and α only (frozen base): loading the
+    artifact onto a fresh base gives the logits the stage's own trained model gives."""
+    from newllm.artifacts import read_meta
+    from newllm.infini.adapter import load_adapted
+    from newllm.infini.training import single_thread
+
+    common = ("--model", str(tiny_model), "--device", "cpu", "--data", str(prepared_tiny),
+              "--segment-length", "16", "--segments-per-sequence", "2", "--max-train-tokens",
+              "1200", "--val-max-tokens", "100", "--d-ff", "32", "--reversal-repeats", "1",
+              "--finetune-lr", "1e-2")
+    ids = _ids(load_base(str(tiny_model), device="cpu").model, length=40)
+    for name, extra in (("full", ("--mode", "parallel")),
+                        ("frozen", ("--mode", "parallel", "--freeze-base-model", "true")),
+                        ("replace", ("--mode", "replace"))):
+        result = run_cli("train-infini-adapter", *common, *extra, "--out", f"{name}.st",
+                         "--metrics", f"{name}.json", cwd=tmp_path)
+        assert result.code == 0, (name, result.err)
+        meta = read_meta(tmp_path / f"{name}.st")
+        assert meta["extra"]["whole_model"] == (name != "frozen")
+        assert len(meta["extra"]["reversal"]["injected"]) == 24  # half the shipped pairs
+        base = load_base(str(tiny_model), device="cpu")
+        plain = _trained_logits(base.model, ids, 16)
+        load_adapted(base.model, tmp_path / f"{name}.st", base.info.as_dict())
+        with single_thread():
+            loaded = _trained_logits(base.model, ids, 16)
+        # the fine-tuning moved the model: the artifact is not the base
+        assert not torch.allclose(loaded, plain), name
+        # rebuild independently: a fresh base, the same wrapping, every stored tensor by hand
+        from safetensors.torch import load_file
+
+        fresh = load_base(str(tiny_model), device="cpu").model
+        stored = load_file(tmp_path / f"{name}.st")
+        if name == "replace":
+            attach_replace(fresh, InfiniLayer(memory_config(fresh), d_ff=32))
+        else:
+            attach_parallel(fresh, memory_config(fresh))
+        state = fresh.state_dict()
+        for key, value in stored.items():
+            state[key].copy_(value)
+        with single_thread():
+            again = _trained_logits(fresh, ids, 16)
+        assert torch.equal(loaded, again), name
+
+
+def test_eval_reversal_reads_the_adapter_model(run_cli, tiny_model, prepared_tiny, tmp_path):
+    result = run_cli("train-infini-adapter", "--model", str(tiny_model), "--device", "cpu",
+                     "--data", str(prepared_tiny), "--segment-length", "16",
+                     "--segments-per-sequence", "2", "--max-train-tokens", "1200",
+                     "--val-max-tokens", "100", "--reversal-repeats", "1", "--out", "a.st",
+                     "--metrics", "a.json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    result = run_cli("eval-reversal", "--model", str(tiny_model), "--device", "cpu",
+                     "--model-kind", "infini-lm", "--checkpoint", "a.st",
+                     "--metrics", "r.json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    metrics = json.loads((tmp_path / "r.json").read_text())
+    assert metrics["model_kind"] == "infini-lm"
+    assert metrics["injected_pairs"] == metrics["control_pairs"] == 24

@@ -61,6 +61,9 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
                               max_train_tokens=2048, val_max_tokens=200, batch_size=4,
                               reversal_repeats=2)
     params["eval_reversal"].update(max_pairs=8, distractors=2)
+    params["train_infini_adapter"].update(segment_length=16, segments_per_sequence=2,
+                                          max_train_tokens=1200, val_max_tokens=100, d_ff=32,
+                                          reversal_repeats=1)
     params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers="0,2",
                                  passkey_trials=2)
     params["phase1"].update(context_dim=8, tokens_per_block=200, val_tokens=50, batch_size=64,

@@ -19,19 +19,32 @@ frozen; its held-out error is reported as the share of layer 0's change it misse
 (2) It takes layer 0's place and everything is fine-tuned on the LM loss with parameter
 groups: the Infini layer at `layer0_lr_scale` × lr; embeddings, layers 1.. and the final
 norm / LM head at `other_lr_scale` × lr.
+
+The trained model is an artifact of kind `infini-adapter` holding every weight that moved
+(the whole model after full fine-tuning, only the adapter and α with a frozen base), so
+`load_adapted` rebuilds it on the same base and `AdapterScorer` (eval-ppl / eval-reversal
+model kind `infini-lm` given such an artifact) reads it, in segments with the memory carried.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from newllm.artifacts import load_artifact
+from newllm.base import BaseInfo
 from newllm.errors import NewllmError
 from newllm.infini.memory import MemoryAttention, MemoryConfig
+from newllm.infini.training import single_thread
+
+ADAPTER_KIND = "infini-adapter"
+MODES = ("parallel", "replace")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -273,3 +286,89 @@ def segmented_ppl(model: nn.Module, streams: list[torch.Tensor], segment_length:
         nll += float(loss) * (len(ids) - 1)
         tokens += len(ids) - 1
     return math.exp(nll / tokens)
+
+
+@torch.no_grad()
+def segmented_logits(model: nn.Module, ids: torch.Tensor, segment_length: int) -> torch.Tensor:
+    """Logits [B, T, V] of ids [B, T] read from an empty memory in segments, memory carried."""
+    reset_memory(model)
+    return torch.cat([model(input_ids=ids[:, s:s + segment_length], use_cache=False).logits
+                      for s in range(0, ids.shape[1], segment_length)], dim=1)
+
+
+def trained_weights(model: nn.Module, layer0: nn.Module, whole: bool) -> dict[str, torch.Tensor]:
+    """What an adapter artifact stores: every weight of the model when the base was
+    fine-tuned too (`whole`), else only the new layer 0 (adapter and α, or the Infini layer),
+    under its name in the model. A tied LM head is stored once (as the embedding)."""
+    if not whole:
+        prefix = next(name for name, module in model.named_modules() if module is layer0)
+        return {f"{prefix}.{k}": v for k, v in layer0.state_dict().items()
+                if not k.startswith("layer0.")}  # the untouched base layer 0 stays out
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor
+    return tensors
+
+
+def load_adapted(model: nn.Module, path: str | Path, base: dict[str, Any]) -> dict[str, Any]:
+    """Put a train-infini-adapter artifact onto `model` (the same base, checked by weights):
+    wrap or replace layer 0 as it was trained, then load the stored weights. Returns the meta."""
+    artifact = load_artifact(path, kind=ADAPTER_KIND, base=base)
+    extra = artifact.meta["extra"]
+    config = MemoryConfig(**extra["memory_config"])
+    if extra["mode"] == "parallel":
+        attach_parallel(model, config)
+    else:
+        attach_replace(model, InfiniLayer(config, extra["d_ff"]))
+    missing, unexpected = model.load_state_dict(artifact.tensors, strict=False)
+    if extra["whole_model"]:
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        missing = [k for k in missing if k not in tied]
+    else:  # only layer 0's new weights are stored; the rest is the base itself
+        prefix = "model.layers.0."
+        missing = [k for k in missing if k.startswith(prefix)
+                   and not k.startswith(prefix + "layer0.")]
+    if missing or unexpected:
+        raise NewllmError(f"{path} does not fit base.model: missing "
+                          f"{', '.join(missing[:3]) or 'none'}, unexpected "
+                          f"{', '.join(unexpected[:3]) or 'none'}.")
+    return artifact.meta
+
+
+@dataclass
+class AdapterScorer:
+    """eval-ppl / eval-reversal model kind `infini-lm` on an adapter artifact: the adapted
+    base read in segments of its training length from an empty memory (rows are
+    right-padded, so padding only ever precedes a row's own padding in the memory)."""
+
+    model: nn.Module
+    segment_length: int
+    device: torch.device
+    info: BaseInfo
+    separator_id: int
+    separator_token: str
+    max_length: int | None = None
+
+    def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        # one thread: a 135M model's segment matrices are small, and on a shared machine
+        # the second thread's synchronisation costs more than it gains (as train-lm)
+        with single_thread():
+            return segmented_logits(self.model, input_ids, self.segment_length)[:, -keep:]
+
+
+def load_adapter_scorer(base_params: Any, checkpoint: str | None) -> AdapterScorer:
+    """base.model with a train-infini-adapter artifact (model kind `infini-lm` dispatches here
+    on the artifact's kind)."""
+    from newllm.tokens import separator_token_id
+
+    base = base_params.load()
+    meta = load_adapted(base.model, checkpoint, base.info.as_dict())
+    base.model.eval()
+    separator_id = separator_token_id(base.tokenizer, base_params.separator_token)
+    return AdapterScorer(base.model.to(base.device), meta["extra"]["segment_length"],
+                         base.device, base.info, separator_id,
+                         base.tokenizer.convert_ids_to_tokens(separator_id))

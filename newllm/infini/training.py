@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from newllm.artifacts import load_artifact, save_artifact
+from newllm.artifacts import load_artifact, read_meta, save_artifact
 from newllm.base import BaseInfo
 from newllm.errors import NewllmError
 from newllm.infini.models import LM_KIND, LMConfig, SegmentLM
@@ -145,8 +145,9 @@ def load_lm(path: str | Path, base: dict[str, Any] | None = None,
     return model.to(device).eval(), artifact.meta
 
 
-def load_infini_scorer(base_params: Any, checkpoint: str | None) -> SegmentScorer:
-    """eval-ppl's `infini-lm` kind: a train-lm model read with base.model's tokenizer."""
+def load_infini_scorer(base_params: Any, checkpoint: str | None) -> Any:
+    """eval-ppl's `infini-lm` kind: a train-lm model read with base.model's tokenizer, or
+    base.model with a train-infini-adapter artifact (`AdapterScorer`)."""
     from newllm.base import load_tokenizer
     from newllm.runtime import resolve_device
     from newllm.tokens import separator_token_id
@@ -154,6 +155,11 @@ def load_infini_scorer(base_params: Any, checkpoint: str | None) -> SegmentScore
     if checkpoint is None:
         raise NewllmError("model kind infini-lm needs a checkpoint: a train-lm model "
                           "(model.safetensors), got null.")
+    if read_meta(checkpoint).get("kind") == "infini-adapter":
+        # the line's other trained models: memory on the pretrained base (train-infini-adapter)
+        from newllm.infini.adapter import load_adapter_scorer
+
+        return load_adapter_scorer(base_params, checkpoint)
     tokenizer, info = load_tokenizer(base_params.model)
     device = resolve_device(base_params.device)
     model, meta = load_lm(checkpoint, base=info.tokenizer_only(), device=device)

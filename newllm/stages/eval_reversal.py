@@ -1,4 +1,5 @@
-"""eval-reversal: the reversal curse on child/parent pairs, for the base or a train-lm model.
+"""eval-reversal: the reversal curse on child/parent pairs, for the base, a train-lm model or
+the base with a train-infini-adapter memory.
 
 Per pair: forward and backward sentence PPL, reversal ratio (forward/backward) and gap
 (backward − forward), and rank accuracy of the true answer among `distractors` other names
@@ -33,9 +34,11 @@ from newllm.ppl import MODEL_KINDS, load_scorer
 @dataclass
 class EvalReversalParams:
     group = "eval_reversal"
-    model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model read from "
+    model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model or "
+                            "base.model with a train-infini-adapter memory, read from "
                             "`checkpoint`.", choices=tuple(MODEL_KINDS))
-    checkpoint: str | None = param(None, "train-lm model artifact (null for hf).")
+    checkpoint: str | None = param(None, "train-lm / train-infini-adapter model artifact "
+                                   "(null for hf).")
     pairs: str = param(SHIPPED, "Pairs file: parent_child_pairs.csv format (child,parent,"
                        "parent_type,...) or JSONL; 'shipped' = the package's own "
                        "(newllm/infini/reversal_pairs.csv).")

@@ -4,6 +4,9 @@ Reads the metrics the line's stages wrote into `metrics_dir` (train_lm_<run>.jso
 eval_ppl_<kind>.json, eval_memory_<run>.json, eval_reversal[_<kind>].json) and the base's
 eval-ppl metrics, and writes one flat file keyed `<row>__<figure>`: a row per trained kind,
 a row per delta-rule/ALiBi ablation run and the base model, as `newllm report` shows them.
+The adapter runs on the pretrained base (train-infini-adapter-*, in `adapter_dir`) add the
+rows adapter-base (the base read in the adapter's segments), adapter-parallel (with its
+eval-reversal), adapter-frozen and adapter-replace.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class InfiniReportParams:
     ablations: str = param("delta-false_alibi-false,delta-false_alibi-true",
                            "Comma-separated ablation runs (infini_runs' delta x alibi grid).")
     base_ppl: str = param("metrics/eval_ppl.json", "The base model's eval-ppl metrics.")
+    adapter_dir: str = param("metrics/infini_adapter", "Folder of train-infini-adapter's "
+                             "metrics (parallel, frozen, replace) and eval-reversal's on the "
+                             "parallel model.")
     metrics: str = param("metrics/infini_report.json", "Metrics JSON to write.")
 
 
@@ -71,6 +77,27 @@ def memory_figures(memory: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def adapter_figures(folder: Path) -> dict[str, Any]:
+    """Rows of the memory-on-the-base runs. Their val PPL reads the first val documents in
+    the adapter's segments (`segmented_val_ppl`), not eval-ppl's whole split."""
+    parallel = read_json(folder / "parallel.json")
+    frozen = read_json(folder / "frozen.json")
+    replace = read_json(folder / "replace.json")
+    rev = read_json(folder / "eval_reversal_parallel.json")
+    out: dict[str, Any] = {"adapter-base__segmented_val_ppl": parallel["base_val_ppl"]}
+    for row, run in (("adapter-parallel", parallel), ("adapter-frozen", frozen)):
+        out[f"{row}__segmented_val_ppl"] = run["val_ppl"]
+        out[f"{row}__alpha"] = run["alpha"]
+        out[f"{row}__train_tokens"] = run["train_tokens"]
+    out.update({f"adapter-parallel__{prefix}{k}": rev[prefix + k]
+                for prefix in ("injected_", "control_") for k in REVERSAL_KEYS
+                if prefix + k in rev})
+    out["adapter-replace__after_distill_val_ppl"] = replace["after_distill_val_ppl"]
+    out["adapter-replace__segmented_val_ppl"] = replace["val_ppl"]
+    out["adapter-replace__distill_error_held_out"] = replace["distill_error_held_out"]
+    return out
+
+
 @stage_command("infini-report", InfiniReportParams,
                help="Gather the Infini-attention line's metrics (val PPL per kind, "
                     "compressions curve, passkey, reversal) into one file for `newllm "
@@ -103,6 +130,7 @@ def infini_report(params: InfiniReportParams) -> None:
         row = f"infini_{run}"
         out[f"{row}__train_val_ppl"] = train["val_ppl"]
         out.update({f"{row}__{k}": v for k, v in memory_figures(memory).items()})
+    out.update(adapter_figures(Path(params.adapter_dir)))
     for key, value in out.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise NewllmError(f"infini-report: {key} is {value}; a stage produced a "

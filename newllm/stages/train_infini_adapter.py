@@ -4,11 +4,22 @@ Infini layer from layer 0, then fine-tune with per-group learning rates).
 
 All PPLs here read the val documents in segments of `segment_length` with the memory
 carried (the base, without memory, is read the same way, so the figures compare); the
-metrics also hold the base's PPL read this way before any change.
+metrics also hold the base's PPL read this way before any change. In `parallel`, step 0
+is checked against the base on the first val document's logits (max |difference|, 0 when
+α = 0 leaves the base exactly), not by a second pass over the whole val text.
+
+The artifact (kind `infini-adapter`) holds every weight that moved: the whole model after
+full fine-tuning, the adapter and α alone with a frozen base; eval-reversal / eval-ppl read
+it as model kind `infini-adapter`. With `reversal_facts`, the injected / never-injected
+pairs are recorded in it, as train-lm does.
+
+Everything runs on one torch thread: on the shared 2-core machine a second thread's
+synchronisation made this stage 5 to 10x slower (4 to 10 min instead of well under one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -21,26 +32,37 @@ from newllm.cli import stage_command
 from newllm.data import load_split
 from newllm.errors import NewllmError
 from newllm.infini.adapter import (
+    ADAPTER_KIND,
+    MODES,
     InfiniLayer,
     attach_parallel,
     attach_replace,
+    decoder_layers,
     distill,
     distill_error,
     finetune,
     memory_config,
     parameter_groups,
+    segmented_logits,
     segmented_ppl,
+    trained_weights,
 )
-from newllm.infini.reversal import FORMATS, forward_sentences, injected_split, read_pairs
-from newllm.infini.training import make_sequences
+from newllm.infini.reversal import (
+    FORMATS,
+    SHIPPED,
+    file_hash,
+    forward_sentences,
+    injected_split,
+    read_pairs,
+)
+from newllm.infini.training import make_sequences, single_thread
 from newllm.params import as_dict, param
 from newllm.ppl import build_stream
 from newllm.runtime import seed_everything
 from newllm.stages.train_lm import training_stream
 from newllm.tokens import separator_token_id
 
-ADAPTER_KIND = "infini-adapter"
-MODES = ("parallel", "replace")
+INJECT_FRACTION = 0.5  # of the pairs file, as train-lm's default reversal_inject_fraction
 
 
 @dataclass
@@ -56,7 +78,7 @@ class TrainInfiniAdapterParams:
     segment_length: int = param(64, "Tokens per segment.", min=2)
     segments_per_sequence: int = param(4, "Segments per training sequence.", min=1)
     max_train_tokens: int = param(1024, "Training tokens.", min=2)
-    val_max_tokens: int = param(1024, "Val tokens for the PPLs (whole documents).", min=1)
+    val_max_tokens: int = param(512, "Val tokens for the PPLs (whole documents).", min=1)
     batch_size: int = param(1, "Sequences per step.", min=1)
     distill_epochs: int = param(1, "replace: distillation epochs (the seed: 10).", min=0)
     distill_lr: float = param(1e-3, "replace: distillation learning rate (the seed: 1e-4).",
@@ -68,14 +90,20 @@ class TrainInfiniAdapterParams:
                                    "adapter and α).", min=0.0)
     other_lr_scale: float = param(1.0, "Learning-rate factor of embeddings, layers 1.. and "
                                   "the final norm / head.", min=0.0)
-    reversal_facts: str | None = param(None, "Pairs file whose forward sentences join the "
-                                       "fine-tuning stream ('shipped' = the package's own).")
+    reversal_facts: str | None = param(SHIPPED, "Pairs file whose forward sentences (of "
+                                       "half the pairs) join the fine-tuning stream ('shipped' "
+                                       "= the package's own; null = none).")
     reversal_format: str = param("csv", "Format of reversal_facts.", choices=FORMATS)
-    reversal_repeats: int = param(5, "Times each injected sentence appears.", min=1)
+    reversal_repeats: int = param(2, "Times each injected sentence appears.", min=1)
     seed: int = param(0, "Seed.", min=0)
     out: str = param("artifacts/infini_adapter/parallel.safetensors", "Trained layer-0 "
                      "weights (adapter / Infini layer, α) to write.")
     metrics: str = param("metrics/infini_adapter/parallel.json", "Metrics JSON to write.")
+
+    def check(self) -> None:
+        if self.mode == "replace" and self.freeze_base_model:
+            raise NewllmError("train_infini_adapter.freeze_base_model is for mode parallel; "
+                              "replace fine-tunes the whole model, expected false.")
 
 
 @stage_command("train-infini-adapter", BaseParams, TrainInfiniAdapterParams,
@@ -83,6 +111,12 @@ class TrainInfiniAdapterParams:
                     "layer 0 (α = 0 at start) or an Infini layer distilled from layer 0 that "
                     "then replaces it, fine-tuned with per-group learning rates.")
 def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
+    with contextlib.ExitStack() as one_thread:
+        _run(base_params, params, one_thread)
+
+
+def _run(base_params: BaseParams, params: TrainInfiniAdapterParams,
+         one_thread: contextlib.ExitStack) -> None:
     base = base_params.load()
     model, tokenizer = base.model, base.tokenizer
     separator_id = separator_token_id(tokenizer, base_params.separator_token)
@@ -90,15 +124,22 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
     train_docs, _ = load_split(params.data, "train", base=tokens_only).documents()
     val_docs, _ = load_split(params.data, "val", base=tokens_only).documents(
         params.val_max_tokens)
+    # The compute on one thread; loading and saving outside it, so artifacts record (and are
+    # checked against) the machine's usual thread count.
+    one_thread.enter_context(single_thread())
     generator = seed_everything(params.seed)
     facts: list[list[int]] = []
+    reversal: dict[str, object] = {"pairs": params.reversal_facts, "pairs_hash": None,
+                                   "injected": [], "control": []}
     if params.reversal_facts is not None:
-        injected, _ = injected_split(read_pairs(params.reversal_facts, params.reversal_format),
-                                     0.5)
+        injected, control = injected_split(read_pairs(params.reversal_facts,
+                                                      params.reversal_format), INJECT_FRACTION)
         facts = [tokenizer(s, add_special_tokens=False)["input_ids"]
                  for s in forward_sentences(injected)] * params.reversal_repeats
+        reversal.update(pairs_hash=file_hash(params.reversal_facts),
+                        injected=[p.key for p in injected], control=[p.key for p in control])
     stream = training_stream(train_docs, facts, separator_id, params.max_train_tokens,
-                             random.Random(params.seed))
+                             random.Random(params.seed), group="train_infini_adapter")
     sequences = make_sequences(stream, params.segment_length * params.segments_per_sequence)
     sequences = sequences.to(base.device)
     val_streams = [build_stream([d], separator_id)[0].to(base.device) for d in val_docs]
@@ -117,8 +158,11 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
     model.requires_grad_(True)
     torch.manual_seed(params.seed)
     if params.mode == "parallel":
+        first = val_streams[0][None]
+        before = segmented_logits(model, first, s)
         wrapped = attach_parallel(model, config).to(base.device)
-        metrics["step0_val_ppl"] = segmented_ppl(model, val_streams, s)
+        metrics["step0_max_abs_logit_diff"] = float(
+            (segmented_logits(model, first, s) - before).abs().max())
         if params.freeze_base_model:
             model.requires_grad_(False)
             wrapped.adapter.requires_grad_(True)
@@ -132,8 +176,6 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
                         "final_train_loss": history[-1] if history else None,
                         "val_ppl": segmented_ppl(model, val_streams, s)})
         trained: torch.nn.Module = wrapped
-        tensors = {f"adapter.{k}": v for k, v in wrapped.adapter.state_dict().items()}
-        tensors["alpha"] = wrapped.alpha.detach()
     else:
         infini = InfiniLayer(config, params.d_ff).to(base.device)
         split = max(1, len(sequences) // 10)  # a tenth of the sequences held out
@@ -153,13 +195,18 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
                            params.batch_size, generator)
         metrics.update({"final_train_loss": history[-1] if history else None,
                         "val_ppl": segmented_ppl(model, val_streams, s)})
-        trained = infini
-        tensors = {f"infini.{k}": v for k, v in infini.state_dict().items()}
-    # Only layer 0's new weights are saved: with full fine-tuning the rest of the base moved
-    # too, but the metrics are this run's record; the artifact is the memory layer.
-    save_artifact(params.out, tensors, kind=ADAPTER_KIND, stage="train-infini-adapter",
-                  params=as_dict(base_params, params), base=base.info.as_dict(),
-                  extra={"memory_config": config.__dict__,
+        trained = decoder_layers(model)[0]
+    # Every weight that moved: with full fine-tuning (or other_lr_scale > 0 in replace) the
+    # whole base changed, so the artifact is the whole model; a frozen base keeps layer 0's
+    # new weights only.
+    whole = not (params.mode == "parallel" and params.freeze_base_model)
+    one_thread.close()
+    save_artifact(params.out, trained_weights(model, trained, whole), kind=ADAPTER_KIND,
+                  stage="train-infini-adapter", params=as_dict(base_params, params),
+                  base=base.info.as_dict(),
+                  extra={"mode": params.mode, "memory_config": config.__dict__,
+                         "d_ff": params.d_ff, "segment_length": s, "whole_model": whole,
+                         "separator_id": separator_id, "reversal": reversal,
                          "class": type(trained).__name__})
     write_metrics(params.metrics, {k: v for k, v in metrics.items() if v is not None})
     click.echo(f"train-infini-adapter {params.mode}: base PPL {metrics['base_val_ppl']:.2f} -> "

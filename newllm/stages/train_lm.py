@@ -103,14 +103,16 @@ class TrainLmParams:
 
 
 def training_stream(docs: list[torch.Tensor], facts: list[list[int]], separator_id: int,
-                    max_tokens: int | None, rng: random.Random) -> torch.Tensor:
+                    max_tokens: int | None, rng: random.Random,
+                    group: str = "train_lm") -> torch.Tensor:
     """[sep, d1, sep, d2, ...] of the corpus until `max_tokens` less the facts' share, with
-    each fact (a document of its own) at a seeded random place between documents."""
+    each fact (a document of its own) at a seeded random place between documents. `group`
+    names the calling stage's params group in errors."""
     fact_tokens = sum(len(f) + 1 for f in facts)
     budget = None if max_tokens is None else max_tokens - fact_tokens
     if budget is not None and budget < 1:
         raise NewllmError(f"the injected facts take {fact_tokens} tokens, more than "
-                          f"train_lm.max_train_tokens ({max_tokens}); lower reversal_repeats.")
+                          f"{group}.max_train_tokens ({max_tokens}); lower reversal_repeats.")
     chosen, total = [], 0
     for doc in docs:
         if budget is not None and total >= budget:
