@@ -41,7 +41,7 @@ from newllm.artifacts import load_artifact
 from newllm.base import BaseInfo
 from newllm.errors import NewllmError
 from newllm.infini.memory import MemoryAttention, MemoryConfig
-from newllm.infini.training import single_thread
+from newllm.runtime import single_thread
 
 ADAPTER_KIND = "infini-adapter"
 MODES = ("parallel", "replace")
