@@ -32,6 +32,7 @@ COMMANDS = {
     "train-converter": "newllm.stages.train_converter",
     "converter-report": "newllm.stages.converter_report",
     "demo-recursive": "newllm.stages.demo_recursive",
+    "build-e-star": "newllm.stages.build_e_star",
     "train-lm": "newllm.stages.train_lm",
     "eval-reversal": "newllm.stages.eval_reversal",
     "eval-memory": "newllm.stages.eval_memory",

@@ -1,0 +1,145 @@
+"""Virtual tokens e* (build-e-star), the compressors (train-compressor) and their evaluation,
+on the tiny fixture model; one test on the real default base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm.base import load_base
+from newllm.virtual_tokens.e_star import (
+    EStarConfig,
+    first_mismatch,
+    kl_rows,
+    no_context_kl,
+    optimize_batch,
+    optimize_e_star,
+    reconstruction_metrics,
+    teacher_outputs,
+    topk_kl_rows,
+)
+
+SEP = 0  # <|endoftext|> in the fixture tokenizer
+
+
+@pytest.fixture(scope="session")
+def taught_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after 150 AdamW steps on the fixture sentences (a few seconds).
+
+    The random fixture cannot be steered through its inputs: its logits span well under a
+    nat, its next-token distribution hardly depends on the context (no-context KL ~0.003)
+    and no input vector makes it continue a text. Taught the sentences, it reads its
+    context as a language model does, so compressing a context into e* means something.
+    """
+    from conftest import SENTENCES
+
+    base = load_base(str(tiny_model), device="cpu")
+    model = base.model.train().requires_grad_(True)
+    rows = [torch.tensor([SEP] + base.tokenizer(s, add_special_tokens=False)["input_ids"])
+            for s in SENTENCES]
+    pad = base.tokenizer.pad_token_id
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    labels = ids.masked_fill(ids == pad, -100)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5
+    folder = tmp_path_factory.mktemp("taught-llama")
+    model.eval().save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(taught_model: Path):
+    return load_base(str(taught_model), device="cpu")
+
+
+def ids_of(tiny, text: str) -> torch.Tensor:
+    return torch.tensor(tiny.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pair(tiny, text: str, follow: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return ids_of(tiny, text), ids_of(tiny, follow)
+
+
+def test_kl_rows_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    teacher = F.log_softmax(torch.randn(2, 3, 7, generator=g), dim=-1)
+    student = torch.randn(2, 3, 7, generator=g)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    got = kl_rows(teacher, student, mask)
+    p, q = teacher.exp(), F.softmax(student, dim=-1)
+    direct = [sum((p[b, c] * (p[b, c] / q[b, c]).log()).sum() for c in range(3) if mask[b, c])
+              / mask[b].sum() for b in range(2)]
+    assert torch.allclose(got, torch.stack(direct), atol=1e-6)
+
+
+def test_topk_kl_with_every_token_kept_is_the_full_kl():
+    g = torch.Generator().manual_seed(1)
+    teacher = F.log_softmax(torch.randn(2, 4, 9, generator=g), dim=-1)
+    student = torch.randn(2, 4, 9, generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    top = teacher.topk(9, dim=-1)
+    assert torch.allclose(topk_kl_rows(student, top.values, top.indices, mask),
+                          kl_rows(teacher, student, mask), atol=1e-5)
+    # fewer kept tokens: a coarse-graining, so never more than the full KL
+    top3 = teacher.topk(3, dim=-1)
+    assert (topk_kl_rows(student, top3.values, top3.indices, mask)
+            <= kl_rows(teacher, student, mask) + 1e-6).all()
+
+
+def test_first_mismatch_is_the_greedy_match_length():
+    predicted = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [5, 2, 3, 4]])
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    mask = torch.tensor([[True, True, True, False]] * 3)
+    assert first_mismatch(predicted, target, mask).tolist() == [3, 1, 0]
+
+
+def test_e_star_lowers_kl_well_below_no_context(tiny):
+    text, follow = pair(tiny, "The river flows through the old city and reaches the sea",
+                        " after many miles.")
+    config = EStarConfig(num_virtual=2, steps=60, lr=0.1)
+    result = optimize_batch(tiny.model, config, SEP, [text], [follow])
+    teacher = teacher_outputs(tiny.model, SEP, [text], [follow], hidden_layer=None,
+                              context_layer=None)
+    baseline = no_context_kl(tiny.model, SEP, [follow], teacher)
+    assert result.final_loss[0] < 0.5 * result.initial_loss[0]
+    assert result.final_loss[0] < 0.5 * baseline[0]
+    assert result.history[-1] < result.history[0]
+
+
+def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tiny):
+    # different text and follow lengths: the batch pads both the teacher and the student rows
+    pairs = [pair(tiny, "Bread is made from flour, water, salt", " and yeast."),
+             pair(tiny, "The painter used bright colours to show light on water in the",
+                  " morning, then went home to rest."),
+             pair(tiny, "Birds migrate south", " in autumn and return north.")]
+    texts, follows = [t for t, _ in pairs], [f for _, f in pairs]
+    config = EStarConfig(num_virtual=2, steps=15, lr=0.05, hidden_weight=0.5,
+                         hidden_layer_index=1, batch_size=3)
+    batched = optimize_e_star(tiny.model, config, SEP, texts, follows)
+    for i in range(3):
+        alone = optimize_batch(tiny.model, config, SEP, texts[i:i + 1], follows[i:i + 1])
+        assert torch.allclose(batched.e_star[i], alone.e_star[0], atol=1e-4), i
+        assert torch.allclose(batched.final_loss[i], alone.final_loss[0], atol=1e-5), i
+
+
+def test_reconstruct_reaches_exact_greedy_decoding(tiny):
+    text = ids_of(tiny, "The library keeps thousands of books")[:6]
+    config = EStarConfig(objective="reconstruct", num_virtual=1, steps=100, lr=0.1)
+    result = optimize_batch(tiny.model, config, SEP, [text], None)
+    accuracy, exact = reconstruction_metrics(tiny.model, SEP, result.e_star, [text])
+    assert exact.item() == len(text) and accuracy.item() == 1.0
+    # an independent check: greedy generation after [sep, e*] gives back the text
+    from newllm.virtual_tokens.e_star import greedy_continuations
+    generated = greedy_continuations(tiny.model, SEP, [result.e_star[0]], len(text))
+    assert generated[0].tolist() == text.tolist()
