@@ -143,3 +143,52 @@ def test_reconstruct_reaches_exact_greedy_decoding(tiny):
     from newllm.virtual_tokens.e_star import greedy_continuations
     generated = greedy_continuations(tiny.model, SEP, [result.e_star[0]], len(text))
     assert generated[0].tolist() == text.tolist()
+
+
+@pytest.mark.parametrize("arch", ["hyper", "qattn"])
+def test_both_archs_give_b_k_d_and_padding_is_ignored(arch):
+    from newllm.virtual_tokens.compressor import Compressor, CompressorConfig
+
+    torch.manual_seed(0)
+    compressor = Compressor(CompressorConfig(arch, 24, 32, 3, num_heads=4, num_layers=2,
+                                             ffn_dim=16)).eval()
+    hidden = torch.randn(2, 5, 24)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out = compressor(hidden, mask)
+    assert out.shape == (2, 3, 32)
+    # the second row's padding (garbage values included) never reaches its output
+    alone = compressor(hidden[1:, :3], mask[1:, :3])
+    assert torch.allclose(out[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["hyper", "qattn"])
+def test_kl_gradient_reaches_the_compressor_and_no_base_parameter(tiny, arch):
+    from newllm.virtual_tokens.compressor import (
+        Compressor,
+        CompressorConfig,
+        LossWeights,
+        compressor_loss,
+    )
+    from newllm.virtual_tokens.e_star import EStarSet
+
+    texts = [ids_of(tiny, "Bread is made from flour"), ids_of(tiny, "Birds migrate south")]
+    follows = [ids_of(tiny, ", water, salt"), ids_of(tiny, " in autumn")]
+    teacher = teacher_outputs(tiny.model, SEP, texts, follows, hidden_layer=1, context_layer=1)
+    top = teacher.logp.topk(8, dim=-1)
+    context = torch.nn.utils.rnn.pad_sequence(teacher.context_hidden, batch_first=True)
+    mask = torch.arange(context.shape[1])[None] < torch.tensor([len(t) for t in texts])[:, None]
+    data = EStarSet(torch.randn(2, 1, 32), texts, follows, context, mask, top.values,
+                    top.indices, teacher.hidden, torch.zeros(2), torch.zeros(2), {})
+    compressor = Compressor(CompressorConfig(arch, 32, 32, 1, num_heads=4, ffn_dim=16))
+    cpu = torch.device("cpu")
+    # the KL term alone: the regression term's gradient would reach the compressor anyway
+    kl_only = (compressor_loss(compressor, tiny.model, data, torch.arange(2), SEP,
+                               LossWeights(kl_weight=1.0), None, cpu)
+               - compressor_loss(compressor, tiny.model, data, torch.arange(2), SEP,
+                                 LossWeights(kl_weight=0.0), None, cpu))
+    assert kl_only.item() > 0
+    kl_only.backward()
+    assert compressor.queries.grad is not None and compressor.queries.grad.abs().sum() > 0
+    assert compressor.out_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.model.parameters())
+    assert not any(p.requires_grad for p in tiny.model.parameters())

@@ -458,6 +458,17 @@ class EStarSet:
     def num_virtual(self) -> int:
         return self.e_star.shape[1]
 
+    def to(self, device: torch.device | str) -> EStarSet:
+        """The same set with every tensor on `device`."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return EStarSet(self.e_star.to(device), [t.to(device) for t in self.texts],
+                        [f.to(device) for f in self.follows], self.context_hidden.to(device),
+                        self.context_mask.to(device), self.teacher_logp.to(device),
+                        self.teacher_ids.to(device), move(self.teacher_hidden),
+                        self.final_kl, self.no_context_kl, self.meta)
+
     def follow_mask(self) -> torch.Tensor:
         lengths = torch.tensor([len(f) for f in self.follows])
         return torch.arange(self.teacher_logp.shape[1])[None] < lengths[:, None]
