@@ -192,3 +192,72 @@ def test_kl_gradient_reaches_the_compressor_and_no_base_parameter(tiny, arch):
     assert compressor.out_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in tiny.model.parameters())
     assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_tiny, tmp_path):
+    model = str(taught_model)
+    common = ("--model", model, "--device", "cpu")
+    result = run_cli("build-e-star", *common, "--data", str(prepared_tiny), "--num-virtual",
+                     "2", "--steps", "40", "--lr", "0.1", "--num-samples", "6",
+                     "--val-samples", "3", "--text-tokens", "16", "--follow-tokens", "6",
+                     "--hidden-layer-index", "1", "--context-layer-index", "1",
+                     "--teacher-topk", "16", "--batch-size", "4", cwd=tmp_path)
+    assert result.code == 0, result.err
+    build = read_json(tmp_path / "metrics/e_star/build.json")
+    assert build["train_pairs"] == 6 and build["val_pairs"] == 3
+    assert build["val_final_kl"] < 0.5 * build["val_no_context_kl"]
+    from newllm.artifacts import load_artifact
+
+    e_star = load_artifact(tmp_path / "artifacts/e_star/val.safetensors",
+                           kind="virtual-token-e-star")
+    assert e_star["e_star"].shape == (3, 2, 32)
+    assert e_star["context_hidden"].shape == (3, 16, 32)
+    assert e_star["teacher_topk_logp"].shape == (3, 6, 16)
+    # held-out pairs come from val documents only
+    assert e_star.meta["extra"]["split"] == "val"
+
+    for arch in ("hyper", "qattn"):
+        result = run_cli("train-compressor", *common, "--arch", arch, "--num-heads", "4",
+                         "--hyper-ffn-dim", "32", "--epochs", "3", "--batch-size", "4",
+                         "--lr", "0.001", "--hidden-weight", "0.1", "--hidden-layer-index",
+                         "1", cwd=tmp_path)
+        assert result.code == 0, result.err
+        trained = read_json(tmp_path / f"metrics/compressor/{arch}.json")
+        assert trained["base_weights_unchanged"] is True
+        assert (tmp_path / f"plots/compressor/{arch}.csv").is_file()
+
+    result = run_cli("eval-compressor", *common, "--greedy-tokens", "4", cwd=tmp_path)
+    assert result.code == 0, result.err
+    ev = read_json(tmp_path / "metrics/e_star/eval.json")
+    assert ev["full_text_kl"] < 1e-5 and ev["full_text_top1"] == 1.0
+    assert ev["full_text_greedy_len"] == 4
+    assert ev["e_star_kl"] < ev["no_context_kl"]
+    assert abs(ev["e_star_kl"] - ev["e_star_stored_kl"]) < 1e-3
+    assert ev["compression_ratio"] == 8.0
+    for arch in ("hyper", "qattn"):
+        assert ev[f"{arch}_amortization_gap"] == pytest.approx(ev[f"{arch}_kl"]
+                                                               - ev["e_star_kl"])
+    nearest = read_json(tmp_path / "metrics/e_star/nearest.json")["examples"]
+    assert len(nearest) == 3 and len(nearest[0]["e_star"]) == 2
+
+    result = run_cli("reconstruct-capacity", *common, "--data", str(prepared_tiny),
+                     "--num-virtual-list", "1,2", "--lengths", "2,4", "--steps", "60",
+                     cwd=tmp_path)
+    assert result.code == 0, result.err
+    capacity = read_json(tmp_path / "metrics/e_star/capacity.json")
+    assert {"capacity_k1", "capacity_k2"} <= set(capacity)
+
+    result = run_cli("demo-compressor", *common, "--compressor",
+                     "artifacts/compressors/qattn/compressor.safetensors", "--text",
+                     SENTENCES_0, "--prompt", "The river", "--max-new-tokens", "4",
+                     cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert "[no context]" in result.out and "[full text]" in result.out
+    assert "[compressed (2 vectors)]" in result.out
+
+
+SENTENCES_0 = "The river flows through the old city and reaches the sea after many miles."

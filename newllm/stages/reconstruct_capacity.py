@@ -18,7 +18,6 @@ from newllm.artifacts import write_csv, write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.data import load_split
-from newllm.errors import NewllmError
 from newllm.params import param
 from newllm.runtime import seed_everything
 from newllm.tokens import separator_token_id
@@ -29,6 +28,7 @@ from newllm.virtual_tokens.e_star import (
     check_context_fits,
     make_pairs,
     optimize_batch,
+    positive_ints,
     reconstruction_metrics,
 )
 
@@ -37,9 +37,9 @@ from newllm.virtual_tokens.e_star import (
 class ReconstructCapacityParams:
     group = "reconstruct_capacity"
     data: str = param("data/prepared", "Prepared data: texts from val documents.")
-    num_virtual_list: list[int] = param(  # noqa: RUF009
-        [1, 2], "Values of k (virtual tokens) to measure.", min=1)
-    lengths: list[int] = param([4, 8, 16, 32], "Text lengths in tokens.", min=1)  # noqa: RUF009
+    num_virtual_list: str = param("1,2", "Values of k (virtual tokens) to measure, "
+                                  "comma-separated.")
+    lengths: str = param("4,8,16,32", "Text lengths in tokens, comma-separated.")
     texts_per_length: int = param(1, "Texts (distinct documents) per length.", min=1)
     steps: int = param(150, "Adam steps.", min=1)
     lr: float = param(0.1, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
@@ -57,24 +57,22 @@ class ReconstructCapacityParams:
                     "accuracy, greedy exact-match length and the longest exactly reproduced "
                     "length per k.")
 def reconstruct_capacity(base_params: BaseParams, params: ReconstructCapacityParams) -> None:
-    if not params.num_virtual_list or not params.lengths:
-        raise NewllmError("reconstruct_capacity.num_virtual_list and lengths must not be "
-                          "empty.")
+    ks = positive_ints(params.num_virtual_list, "reconstruct_capacity.num_virtual_list")
+    lengths = positive_ints(params.lengths, "reconstruct_capacity.lengths")
     base = base_params.load()
-    check_context_fits(base.model, 1 + max(params.num_virtual_list) + max(params.lengths),
+    check_context_fits(base.model, 1 + max(ks) + max(lengths),
                        "1 + max(num_virtual_list) + max(lengths)")
     seed_everything(params.seed)
     sep_id = separator_token_id(base.tokenizer, base_params.separator_token)
     docs, _ = load_split(params.data, "val", base=base.info.tokenizer_only()).documents()
-    longest = max(params.lengths)
+    longest = max(lengths)
     # the same documents for every length: a longer text extends a shorter one
     pairs = make_pairs(docs, params.texts_per_length, longest, 0, params.seed,
                        f"reconstruct_capacity.data '{params.data}' val split")
-    lengths = sorted(set(params.lengths))
     texts = [text[:n] for n in lengths for _, text, _ in pairs]
     rows, metrics = [], {"texts_per_length": params.texts_per_length, "steps": params.steps}
     start = time.perf_counter()
-    for k in sorted(set(params.num_virtual_list)):
+    for k in ks:
         config = EStarConfig("reconstruct", k, params.steps, params.lr, params.init,
                              compute_dtype=params.compute_dtype, batch_size=len(texts))
         result = optimize_batch(base.model, config, sep_id, texts, None)
@@ -96,7 +94,6 @@ def reconstruct_capacity(base_params: BaseParams, params: ReconstructCapacityPar
     write_metrics(params.metrics, metrics)
     write_csv(params.plot, ["num_virtual", "length", "exact_fraction", "token_accuracy",
                             "greedy_exact_len", "final_ce"], rows)
-    curve = ", ".join(f"k={k}: {metrics[f'capacity_k{k}']}" for k in
-                      sorted(set(params.num_virtual_list)))
+    curve = ", ".join(f"k={k}: {metrics[f'capacity_k{k}']}" for k in ks)
     click.echo(f"reconstruct-capacity (longest exactly reproduced length, lengths {lengths}): "
                f"{curve}; {metrics['seconds']}s")

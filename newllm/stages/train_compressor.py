@@ -59,8 +59,8 @@ class TrainCompressorParams:
                                   choices=HIDDEN_LOSSES)
     attn_weight: float = param(0.0, "Weight of the attention match (not implemented: must "
                                "be 0).", min=0.0, max=0.0)
-    attn_layers: list[int] = param([-1, -2], "Layers of the attention match (unused while "  # noqa: RUF009
-                                   "attn_weight is 0).")
+    attn_layers: str = param("-1,-2", "Comma-separated layers of the attention match (unused "
+                             "while attn_weight is 0).")
     attn_use_weights: bool = param(False, "Match attention weights rather than features "
                                    "(unused while attn_weight is 0).")
     epochs: int = param(20, "Passes over the training pairs.", min=1)

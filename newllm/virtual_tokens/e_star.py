@@ -417,6 +417,18 @@ def make_pairs(doc_ids: Sequence[torch.Tensor], count: int, text_tokens: int,
             for i in chosen]
 
 
+def positive_ints(text: str, key: str) -> list[int]:
+    """Sorted distinct positive integers of a comma-separated list, else NewllmError."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise NewllmError(f"{key} must be a comma-separated list of positive integers, got "
+                          f"{text!r}.")
+    return values
+
+
 def check_context_fits(model: torch.nn.Module, length: int, what: str) -> None:
     """Stop if `length` positions exceed the base's context (max_position_embeddings)."""
     limit = getattr(model.config, "max_position_embeddings", None)
