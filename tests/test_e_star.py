@@ -261,3 +261,17 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
 
 
 SENTENCES_0 = "The river flows through the old city and reaches the sea after many miles."
+
+
+def test_bench_e_star_matches_one_at_a_time(run_cli, tiny_model, prepared_tiny, tmp_path):
+    import re
+
+    result = run_cli("bench", "e-star", "--model", str(tiny_model), "--device", "cpu",
+                     "--data", str(prepared_tiny), "--pairs", "4", "--steps", "3",
+                     "--text-tokens", "8", "--follow-tokens", "4", cwd=tmp_path)
+    assert result.code == 0, result.err
+    lines = result.out.strip().splitlines()
+    assert re.fullmatch(r"e-star speedup: [0-9.]+x", lines[-1]), result.out
+    diff = float(re.search(r"max \|final KL difference\| ([0-9.e+-]+)", result.out)[1])
+    assert diff < 1e-4, result.out
+    assert list(tmp_path.iterdir()) == []
