@@ -39,9 +39,9 @@ class ReconstructCapacityParams:
     data: str = param("data/prepared", "Prepared data: texts from val documents.")
     num_virtual_list: str = param("1,2", "Values of k (virtual tokens) to measure, "
                                   "comma-separated.")
-    lengths: str = param("4,8,16,32", "Text lengths in tokens, comma-separated.")
+    lengths: str = param("4,8,16", "Text lengths in tokens, comma-separated.")
     texts_per_length: int = param(1, "Texts (distinct documents) per length.", min=1)
-    steps: int = param(150, "Adam steps.", min=1)
+    steps: int = param(50, "Adam steps.", min=1)
     lr: float = param(0.1, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
     init: str = param("mean_embedding", "Start of e*.", choices=INITS)
     compute_dtype: str = param("float32", "Precision of the base's forward.",

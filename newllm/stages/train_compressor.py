@@ -63,9 +63,9 @@ class TrainCompressorParams:
                              "while attn_weight is 0).")
     attn_use_weights: bool = param(False, "Match attention weights rather than features "
                                    "(unused while attn_weight is 0).")
-    epochs: int = param(20, "Passes over the training pairs.", min=1)
+    epochs: int = param(10, "Passes over the training pairs.", min=1)
     batch_size: int = param(8, "Pairs per optimizer step.", min=1)
-    lr: float = param(1e-4, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
+    lr: float = param(1e-3, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
     compute_dtype: str = param("float32", "Training precision (bfloat16: autocast).",
                                choices=COMPUTE_DTYPES)
     seed: int = param(0, "Seed of the initialization and the batch order.", min=0)

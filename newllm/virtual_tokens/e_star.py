@@ -218,6 +218,7 @@ class EStarResult:
     initial_loss: torch.Tensor  # [N] objective loss before the first step
     final_loss: torch.Tensor  # [N] after the last step (KL for continue, CE for reconstruct)
     history: list[float]  # mean loss over the examples per step (batches averaged)
+    row_history: torch.Tensor  # [steps, N] each example's loss per step
 
 
 def _row_losses(model: torch.nn.Module, config: EStarConfig, sep_id: int, vectors: torch.Tensor,
@@ -263,7 +264,7 @@ def optimize_batch(model: torch.nn.Module, config: EStarConfig, sep_id: int,
     vectors.requires_grad_(True)
     optimizer = torch.optim.Adam([vectors], lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.steps, 1))
-    history, initial = [], None
+    history, rows_seen, initial = [], [], None
     for _ in range(config.steps):
         rows = _row_losses(model, config, sep_id, vectors, targets, teacher)
         if initial is None:
@@ -277,6 +278,7 @@ def optimize_batch(model: torch.nn.Module, config: EStarConfig, sep_id: int,
         optimizer.step()
         schedule.step()
         history.append(rows.detach().mean().item())
+        rows_seen.append(rows.detach().float().cpu())
     with torch.no_grad():
         final = _row_losses(model, config, sep_id, vectors, targets, teacher)
     if initial is None:
@@ -289,7 +291,8 @@ def optimize_batch(model: torch.nn.Module, config: EStarConfig, sep_id: int,
                                                   compute_dtype=config.compute_dtype)
             final = kl_rows(teacher.logp, logits, mask)
     return EStarResult(vectors.detach().float().cpu(), initial.float().cpu(),
-                       final.float().cpu(), history)
+                       final.float().cpu(), history,
+                       torch.stack(rows_seen) if rows_seen else torch.zeros(0, len(texts)))
 
 
 def optimize_e_star(model: torch.nn.Module, config: EStarConfig, sep_id: int,
@@ -308,7 +311,8 @@ def optimize_e_star(model: torch.nn.Module, config: EStarConfig, sep_id: int,
                / sum(weights) for s in range(steps)]
     return EStarResult(torch.cat([r.e_star for r in results]),
                        torch.cat([r.initial_loss for r in results]),
-                       torch.cat([r.final_loss for r in results]), history)
+                       torch.cat([r.final_loss for r in results]), history,
+                       torch.cat([r.row_history for r in results], dim=1))
 
 
 # --- measurements -------------------------------------------------------------------------

@@ -20,12 +20,30 @@ import torch.nn.functional as F
 from newllm.virtual_tokens.e_star import (
     embed,
     first_mismatch,
-    greedy_continuations,
     kl_rows,
     masked_mean,
     prefix_logits,
     teacher_outputs,
 )
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, sep_id: int, prefixes: Sequence[torch.Tensor],
+                    length: int) -> torch.Tensor:
+    """Exactly `length` greedy tokens after `[sep, prefix_i]` per row ([B, length]), by HF
+    generate with a KV cache (rows left-padded; no stop at EOS, so every row has `length`)."""
+    from newllm.tokens import first_token_id
+    from newllm.virtual_tokens.recursive import left_pad
+
+    sep = embed(model, torch.tensor([sep_id]))
+    rows = [torch.cat([sep, p.to(sep.dtype)]) for p in prefixes]
+    # padding is masked out (and sits before every real position), so any id will do
+    pad = first_token_id(model.config.pad_token_id, sep_id)
+    embeds, mask, _ = left_pad(rows, embed(model, torch.tensor([pad]))[0])
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
+                         max_new_tokens=length, min_new_tokens=length, pad_token_id=pad,
+                         num_beams=1)
+    return out[:, -length:].cpu()
 
 
 @torch.no_grad()
@@ -66,7 +84,7 @@ def evaluate_prefixes(model: torch.nn.Module, sep_id: int, texts: Sequence[torch
         teacher = teacher_outputs(model, sep_id, t_batch, f_batch, hidden_layer=None,
                                   context_layer=None)
         text_prefixes = [embed(model, t.long()) for t in t_batch]
-        greedy = greedy_continuations(model, sep_id, text_prefixes, greedy_tokens)
+        greedy = greedy_generate(model, sep_id, text_prefixes, greedy_tokens)
         for name, vectors in variants.items():
             if name == "no_context":
                 prefixes = [torch.zeros(0, d, device=device)] * len(t_batch)
