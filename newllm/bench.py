@@ -345,7 +345,8 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
               help="Base model (as base.model).")
 @click.option("--data", default="data/prepared", show_default=True,
               help="Prepared data (build_e_star.data): pairs from train documents.")
-@click.option("--pairs", default=8, show_default=True, help="(text, follow_text) pairs.")
+@click.option("--pairs", default=24, show_default=True,
+              help="(text, follow_text) pairs (build_e_star.batch_size: one batch).")
 @click.option("--steps", default=5, show_default=True, help="Adam steps for each path.")
 @click.option("--text-tokens", default=32, show_default=True)
 @click.option("--follow-tokens", default=8, show_default=True)

@@ -275,3 +275,26 @@ def test_bench_e_star_matches_one_at_a_time(run_cli, tiny_model, prepared_tiny, 
     diff = float(re.search(r"max \|final KL difference\| ([0-9.e+-]+)", result.out)[1])
     assert diff < 1e-4, result.out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.real_model
+def test_real_default_base_e_star_beats_no_context(real_assets):
+    base = load_base(str(real_assets / "smollm2-135m"), device="cpu")
+    from newllm.tokens import separator_token_id
+
+    sep = separator_token_id(base.tokenizer)
+    docs = [("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+             "France. It is named after the engineer", " Gustave Eiffel, whose company"),
+            ("Photosynthesis is the process by which green plants use sunlight to make",
+             " food from carbon dioxide and water."),
+            ("The Pacific Ocean is the largest and deepest of Earth's five oceanic",
+             " divisions. It extends from the Arctic")]
+    texts = [ids_of(base, t) for t, _ in docs]
+    follows = [ids_of(base, f) for _, f in docs]
+    result = optimize_e_star(base.model, EStarConfig(steps=8, lr=0.1, batch_size=3), sep,
+                             texts, follows)
+    teacher = teacher_outputs(base.model, sep, texts, follows, hidden_layer=None,
+                              context_layer=None)
+    baseline = no_context_kl(base.model, sep, follows, teacher)
+    assert (result.final_loss < baseline).all(), (result.final_loss, baseline)
+    assert result.final_loss.mean() < 0.8 * baseline.mean()
