@@ -345,3 +345,42 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
     click.echo(f"peak RSS growth at 4x the stream: {100 * (peaks[1] / peaks[0] - 1):.1f}%")
     shutil.rmtree(scratch, ignore_errors=True)
     click.echo(f"prep-cache speedup: {results['sequential'][1] / naive_rate:.1f}x")
+
+
+@bench.command("e-star")
+@click.option("--model", default=_default(BaseParams, "model"), show_default=True,
+              help="Base model (as base.model).")
+@click.option("--data", default="data/prepared", show_default=True,
+              help="Prepared data (build_e_star.data): pairs from train documents.")
+@click.option("--pairs", default=24, show_default=True,
+              help="(text, follow_text) pairs (build_e_star.batch_size: one batch).")
+@click.option("--steps", default=5, show_default=True, help="Adam steps for each path.")
+@click.option("--text-tokens", default=32, show_default=True)
+@click.option("--follow-tokens", default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def bench_e_star(model: str, data: str, pairs: int, steps: int, text_tokens: int,
+                 follow_tokens: int, device: str) -> None:
+    """build-e-star's batched e* optimization (all pairs in one padded batch) vs one pair at
+    a time, same pairs, steps and settings: final KLs must match; the time ratio is printed."""
+    from newllm.tokens import separator_token_id
+    from newllm.virtual_tokens.e_star import EStarConfig, make_pairs, optimize_batch
+
+    base = load_base(model, device=device)
+    sep = separator_token_id(base.tokenizer)
+    docs, _ = load_split(data, "train", base=base.info.tokenizer_only()).documents()
+    chosen = make_pairs(docs, pairs, text_tokens, follow_tokens, 0, f"--data {data}")
+    texts, follows = [t for _, t, _ in chosen], [f for _, _, f in chosen]
+    config = EStarConfig(steps=steps, batch_size=pairs)
+    optimize_batch(base.model, EStarConfig(steps=1), sep, texts[:1], follows[:1])  # warm-up
+    batched, fast_s = _timed(lambda: optimize_batch(base.model, config, sep, texts, follows))
+    alone, naive_s = _timed(lambda: [optimize_batch(base.model, config, sep, [t], [f])
+                                     for t, f in zip(texts, follows, strict=True)])
+    naive_kl = torch.cat([r.final_loss for r in alone])
+    diff = (batched.final_loss - naive_kl).abs().max().item()
+    e_diff = (batched.e_star - torch.cat([r.e_star for r in alone])).abs().max().item()
+    click.echo(f"pairs {pairs} ({text_tokens} + {follow_tokens} tokens), k 1, steps {steps}, "
+               f"device {base.device}, threads {torch.get_num_threads()}")
+    click.echo(f"batched:       {fast_s:.2f}s, mean final KL {batched.final_loss.mean():.5f}")
+    click.echo(f"one at a time: {naive_s:.2f}s, mean final KL {naive_kl.mean():.5f}")
+    click.echo(f"max |final KL difference| {diff:.2e}, max |e* difference| {e_diff:.2e}")
+    click.echo(f"e-star speedup: {naive_s / fast_s:.2f}x")

@@ -74,6 +74,17 @@ def copy_from_foreign(source: str, target: str) -> Setup:
     return setup
 
 
+def foreign_e_star(cwd: Path, _env: dict[str, Path]) -> None:
+    """An e* set recorded as made with another base model (weights and tokenizer)."""
+    from newllm.artifacts import save_artifact
+
+    save_artifact(cwd / "es" / "train.safetensors", {"e_star": torch.zeros(1, 1, 32)},
+                  kind="virtual-token-e-star", stage="build-e-star", params={},
+                  base={"model_id": "another-model", "weights_hash": "0" * 64,
+                        "tokenizer_hash": "1" * 64},
+                  extra={"objective": "continue"})
+
+
 def safetensors_without_metadata(relative: str) -> Setup:
     def setup(cwd: Path, _env: dict[str, Path]) -> None:
         (cwd / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +191,11 @@ PREP = ("phase2-prep-cache", "--model", "{model}", "--data", "prepared", "--bloc
 PHASE2 = ("phase2-token", "--model", "{model}", "--blocks", "blocks.safetensors", "--cache",
           "cache", "--max-train-tokens", "40", "--max-val-tokens", "20", "--out",
           "lm.safetensors", "--metrics", "p2.json", "--plots", "p2.csv")
+E_STAR = ("build-e-star", "--model", "{model}", "--data", "prepared", "--text-tokens", "8",
+          "--num-samples", "2", "--val-samples", "1", "--steps", "1", "--out-dir", "es",
+          "--metrics", "es.json", "--plot", "es.csv")
+COMPRESSOR = ("train-compressor", "--model", "{model}", "--e-star-dir", "es", "--epochs", "1",
+              "--out-dir", "cz", "--metrics-dir", "czm", "--plots-dir", "czp")
 WIKI = "summaries_en-us.json"
 NOT_UTF8 = "Caf\xe9 au lait in Paris.\n\nA second paragraph here.\n".encode("latin-1")
 
@@ -430,6 +446,20 @@ CASES = [
          ("eval_ppl.checkpoint is null", "model_kind cvfp")),
     Case("eval-ppl-hf-with-checkpoint", (*EVAL, "--checkpoint", "x.safetensors"), prepared(),
          ("eval_ppl.checkpoint (x.safetensors) is for trained model kinds",)),
+    # virtual tokens: build-e-star, train-compressor, reconstruct-capacity
+    Case("e-star-num-virtual-zero", (*E_STAR, "--num-virtual", "0"), prepared(),
+         ("--num-virtual", "build_e_star.num_virtual) must be an integer >= 1")),
+    Case("e-star-follow-longer-than-context", (*E_STAR, "--follow-tokens", "600"), prepared(),
+         ("1 + build_e_star.text_tokens + follow_tokens = 609 positions exceed the base "
+          "model's context of 512",)),
+    Case("compressor-e-star-from-another-model", COMPRESSOR, foreign_e_star,
+         ("es/train.safetensors", "was made with base model 'another-model'")),
+    Case("compressor-e-star-wrong-kind", COMPRESSOR,
+         copy_from_foreign("pairs/layer2/pairs.safetensors", "es/train.safetensors"),
+         ("is a 'hidden-embedding-pairs' artifact, expected 'virtual-token-e-star'",)),
+    Case("capacity-bad-lengths", ("reconstruct-capacity", "--model", "{model}", "--lengths",
+                                  "4,x", "--metrics", "c.json", "--plot", "c.csv"), None,
+         ("reconstruct_capacity.lengths must be a comma-separated list of positive integers",)),
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),
@@ -444,7 +474,8 @@ def test_the_matrix_is_wide():
     assert {"prepare-data", "eval-ppl", "extract-pairs", "train-converter", "converter-report",
             "demo-recursive", "fetch-assets", "train-lm", "eval-reversal", "eval-memory",
             "infini-report", "self-generate", "estimate-directions", "eval-chameleon",
-            "phase1-context", "phase2-prep-cache", "phase2-token", "cvfp-grid"} <= stages
+            "phase1-context", "phase2-prep-cache", "phase2-token", "cvfp-grid",
+            "build-e-star", "train-compressor", "reconstruct-capacity"} <= stages
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,11 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["cvfp_grid_runs"]["configs"] = ["blocks2_500", "inherit"]
     params["cvfp_grid"].update(phase1_tokens=200, max_iterations=1, train_tokens=300,
                                val_tokens=100)
+    params["build_e_star"].update(num_samples=4, val_samples=2, text_tokens=8,
+                                  follow_tokens=4, steps=2, teacher_topk=8)
+    params["train_compressor"].update(epochs=1, num_heads=4, hyper_ffn_dim=16, batch_size=4)
+    params["eval_compressor"].update(greedy_tokens=2)
+    params["reconstruct_capacity"].update(num_virtual_list="1", lengths="2,4", steps=2)
     if "layers" in params.get("converter_report", {}):
         params["converter_report"]["layers"] = [1, 2]
     # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs

@@ -1,0 +1,126 @@
+"""eval-compressor: held-out pairs (val documents only) read after no context, e*, each
+compressor's output and the full text.
+
+Metrics (flat JSON): per variant the mean KL to the teacher, top-1 / top-k agreement, NLL of
+the real follow tokens and greedy agreement length; per compressor the vector regression
+(MSE, cosine, relative norm error) and the amortization gap (its KL minus e*'s); the
+compression ratio. The full text *is* the teacher, so its KL is 0 and its agreements 1 by
+construction: its row is the reference for the NLL. Also writes the nearest vocabulary
+tokens of the e* and predicted vectors of the first few held-out pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from newllm.artifacts import write_csv, write_json, write_metrics
+from newllm.base import BaseParams
+from newllm.cli import stage_command
+from newllm.errors import NewllmError
+from newllm.params import param
+from newllm.virtual_tokens.compressor import (
+    ARCHS,
+    COMPRESSOR_FILE,
+    compressor_dir,
+    load_compressor,
+)
+from newllm.virtual_tokens.e_star import load_e_star
+from newllm.virtual_tokens.evaluate import evaluate_prefixes, vector_figures
+from newllm.virtual_tokens.recovery import nearest_tokens
+
+FIGURES = ("kl", "top1", "topk", "nll", "greedy_len")
+
+
+@dataclass
+class EvalCompressorParams:
+    group = "eval_compressor"
+    e_star_dir: str = param("artifacts/e_star", "build-e-star's output folder (its "
+                            "val.safetensors holds the held-out pairs).")
+    compressors: str = param("artifacts/compressors", "train-compressor's output folder: "
+                             "reads <compressors>/<arch>/compressor.safetensors.")
+    archs: str = param("hyper,qattn", "Comma-separated compressor archs to evaluate.")
+    greedy_tokens: int = param(16, "Length of the teacher's greedy continuation compared.",
+                               min=1)
+    topk: int = param(5, "k of the top-k agreement.", min=1)
+    batch_size: int = param(16, "Pairs per forward pass.", min=1)
+    nearest_examples: int = param(3, "Held-out pairs whose vectors get nearest tokens.",
+                                  min=0)
+    nearest_k: int = param(5, "Nearest vocabulary tokens per vector.", min=1)
+    metrics: str = param("metrics/e_star/eval.json", "Metrics JSON.")
+    plot: str = param("plots/e_star/eval.csv", "Per-variant means (plot data).")
+    nearest: str = param("metrics/e_star/nearest.json", "Nearest vocabulary tokens of a few "
+                         "e* and predicted vectors (JSON).")
+
+
+@stage_command("eval-compressor", BaseParams, EvalCompressorParams,
+               help="On held-out pairs, compare the base after no context, e*, each "
+                    "compressor's vectors and the full text: KL to the teacher, top-1/top-k "
+                    "agreement, NLL, greedy agreement length; vector regression and the "
+                    "amortization gap of each compressor; nearest tokens of a few vectors.")
+def eval_compressor(base_params: BaseParams, params: EvalCompressorParams) -> None:
+    archs = [a.strip() for a in params.archs.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in ARCHS]
+    if not archs or unknown:
+        raise NewllmError(f"eval_compressor.archs must be a comma-separated list of "
+                          f"{', '.join(ARCHS)}, got {params.archs!r}.")
+    base = base_params.load()
+    info = base.info.as_dict()
+    val = load_e_star(Path(params.e_star_dir) / "val.safetensors", info)
+    sep_id = int(val.meta["extra"]["separator_token_id"])
+    device = base.device
+    predicted = {}
+    for arch in archs:
+        compressor, artifact = load_compressor(
+            compressor_dir(params.compressors, arch) / COMPRESSOR_FILE, info, device)
+        if compressor.config.num_virtual != val.num_virtual:
+            raise NewllmError(f"{artifact.path} emits {compressor.config.num_virtual} virtual "
+                              f"tokens but the e* set has {val.num_virtual}; retrain it.")
+        with torch.no_grad():
+            predicted[arch] = compressor(val.context_hidden.to(device),
+                                         val.context_mask.to(device)).cpu()
+    variants: dict = {"no_context": None, "e_star": val.e_star, **predicted, "full_text": None}
+    results = evaluate_prefixes(base.model, sep_id, val.texts, val.follows, variants,
+                                greedy_tokens=params.greedy_tokens, topk=params.topk,
+                                batch_size=params.batch_size)
+    text_tokens = torch.tensor([len(t) for t in val.texts]).float().mean().item()
+    metrics: dict = {"val_pairs": len(val.texts), "num_virtual": val.num_virtual,
+                     "text_tokens_mean": text_tokens,
+                     "compression_ratio": text_tokens / val.num_virtual,
+                     "greedy_tokens": params.greedy_tokens, "topk": params.topk,
+                     "e_star_stored_kl": val.final_kl.mean().item()}
+    for name, figures in results.items():
+        for key in FIGURES:
+            metrics[f"{name}_{key}"] = figures[key].mean().item()
+    for arch, vectors in predicted.items():
+        for key, value in vector_figures(vectors, val.e_star).items():
+            metrics[f"{arch}_{key}"] = value
+        metrics[f"{arch}_amortization_gap"] = metrics[f"{arch}_kl"] - metrics["e_star_kl"]
+    write_metrics(params.metrics, metrics)
+    write_csv(params.plot, ["variant", *FIGURES],
+              [[name, *(f"{metrics[f'{name}_{k}']:.6g}" for k in FIGURES)] for name in results])
+
+    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    tokenizer = base.tokenizer
+    examples = []
+    for i in range(min(params.nearest_examples, len(val.texts))):
+        entry: dict = {"text": tokenizer.decode(val.texts[i]),
+                       "follow_text": tokenizer.decode(val.follows[i])}
+        for name, vectors in {"e_star": val.e_star, **predicted}.items():
+            ids, sims = nearest_tokens(vectors[i].float(), embeddings, params.nearest_k)
+            entry[name] = [[[tokenizer.decode([t]), round(s, 4)] for t, s in
+                            zip(row_ids.tolist(), row_sims.tolist(), strict=True)]
+                           for row_ids, row_sims in zip(ids, sims, strict=True)]
+        examples.append(entry)
+    write_json(params.nearest, {"examples": examples})
+
+    rows = [f"{name:>10}: KL {metrics[f'{name}_kl']:.4f}, top-1 {metrics[f'{name}_top1']:.3f}, "
+            f"greedy {metrics[f'{name}_greedy_len']:.2f}/{params.greedy_tokens}"
+            for name in results]
+    gaps = ", ".join(f"{a} {metrics[f'{a}_amortization_gap']:+.4f}" for a in predicted)
+    click.echo(f"eval-compressor: {len(val.texts)} held-out pairs, compression "
+               f"{metrics['compression_ratio']:.1f}x\n" + "\n".join(rows)
+               + f"\namortization gap (KL): {gaps}")

@@ -1,0 +1,300 @@
+"""Virtual tokens e* (build-e-star), the compressors (train-compressor) and their evaluation,
+on the tiny fixture model; one test on the real default base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm.base import load_base
+from newllm.virtual_tokens.e_star import (
+    EStarConfig,
+    first_mismatch,
+    kl_rows,
+    no_context_kl,
+    optimize_batch,
+    optimize_e_star,
+    reconstruction_metrics,
+    teacher_outputs,
+    topk_kl_rows,
+)
+
+SEP = 0  # <|endoftext|> in the fixture tokenizer
+
+
+@pytest.fixture(scope="session")
+def taught_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after 150 AdamW steps on the fixture sentences (a few seconds).
+
+    The random fixture cannot be steered through its inputs: its logits span well under a
+    nat, its next-token distribution hardly depends on the context (no-context KL ~0.003)
+    and no input vector makes it continue a text. Taught the sentences, it reads its
+    context as a language model does, so compressing a context into e* means something.
+    """
+    from conftest import SENTENCES
+
+    base = load_base(str(tiny_model), device="cpu")
+    model = base.model.train().requires_grad_(True)
+    rows = [torch.tensor([SEP] + base.tokenizer(s, add_special_tokens=False)["input_ids"])
+            for s in SENTENCES]
+    pad = base.tokenizer.pad_token_id
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    labels = ids.masked_fill(ids == pad, -100)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5
+    folder = tmp_path_factory.mktemp("taught-llama")
+    model.eval().save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(taught_model: Path):
+    return load_base(str(taught_model), device="cpu")
+
+
+def ids_of(tiny, text: str) -> torch.Tensor:
+    return torch.tensor(tiny.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pair(tiny, text: str, follow: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return ids_of(tiny, text), ids_of(tiny, follow)
+
+
+def test_kl_rows_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    teacher = F.log_softmax(torch.randn(2, 3, 7, generator=g), dim=-1)
+    student = torch.randn(2, 3, 7, generator=g)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    got = kl_rows(teacher, student, mask)
+    p, q = teacher.exp(), F.softmax(student, dim=-1)
+    direct = [sum((p[b, c] * (p[b, c] / q[b, c]).log()).sum() for c in range(3) if mask[b, c])
+              / mask[b].sum() for b in range(2)]
+    assert torch.allclose(got, torch.stack(direct), atol=1e-6)
+
+
+def test_topk_kl_with_every_token_kept_is_the_full_kl():
+    g = torch.Generator().manual_seed(1)
+    teacher = F.log_softmax(torch.randn(2, 4, 9, generator=g), dim=-1)
+    student = torch.randn(2, 4, 9, generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    top = teacher.topk(9, dim=-1)
+    assert torch.allclose(topk_kl_rows(student, top.values, top.indices, mask),
+                          kl_rows(teacher, student, mask), atol=1e-5)
+    # fewer kept tokens: a coarse-graining, so never more than the full KL
+    top3 = teacher.topk(3, dim=-1)
+    assert (topk_kl_rows(student, top3.values, top3.indices, mask)
+            <= kl_rows(teacher, student, mask) + 1e-6).all()
+
+
+def test_first_mismatch_is_the_greedy_match_length():
+    predicted = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [5, 2, 3, 4]])
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    mask = torch.tensor([[True, True, True, False]] * 3)
+    assert first_mismatch(predicted, target, mask).tolist() == [3, 1, 0]
+
+
+def test_e_star_lowers_kl_well_below_no_context(tiny):
+    text, follow = pair(tiny, "The river flows through the old city and reaches the sea",
+                        " after many miles.")
+    config = EStarConfig(num_virtual=2, steps=60, lr=0.1)
+    result = optimize_batch(tiny.model, config, SEP, [text], [follow])
+    teacher = teacher_outputs(tiny.model, SEP, [text], [follow], hidden_layer=None,
+                              context_layer=None)
+    baseline = no_context_kl(tiny.model, SEP, [follow], teacher)
+    assert result.final_loss[0] < 0.5 * result.initial_loss[0]
+    assert result.final_loss[0] < 0.5 * baseline[0]
+    assert result.history[-1] < result.history[0]
+
+
+def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tiny):
+    # different text and follow lengths: the batch pads both the teacher and the student rows
+    pairs = [pair(tiny, "Bread is made from flour, water, salt", " and yeast."),
+             pair(tiny, "The painter used bright colours to show light on water in the",
+                  " morning, then went home to rest."),
+             pair(tiny, "Birds migrate south", " in autumn and return north.")]
+    texts, follows = [t for t, _ in pairs], [f for _, f in pairs]
+    config = EStarConfig(num_virtual=2, steps=15, lr=0.05, hidden_weight=0.5,
+                         hidden_layer_index=1, batch_size=3)
+    batched = optimize_e_star(tiny.model, config, SEP, texts, follows)
+    for i in range(3):
+        alone = optimize_batch(tiny.model, config, SEP, texts[i:i + 1], follows[i:i + 1])
+        assert torch.allclose(batched.e_star[i], alone.e_star[0], atol=1e-4), i
+        assert torch.allclose(batched.final_loss[i], alone.final_loss[0], atol=1e-5), i
+
+
+def test_reconstruct_reaches_exact_greedy_decoding(tiny):
+    text = ids_of(tiny, "The library keeps thousands of books")[:6]
+    config = EStarConfig(objective="reconstruct", num_virtual=1, steps=100, lr=0.1)
+    result = optimize_batch(tiny.model, config, SEP, [text], None)
+    accuracy, exact = reconstruction_metrics(tiny.model, SEP, result.e_star, [text])
+    assert exact.item() == len(text) and accuracy.item() == 1.0
+    # an independent check: greedy generation after [sep, e*] gives back the text
+    from newllm.virtual_tokens.e_star import greedy_continuations
+    generated = greedy_continuations(tiny.model, SEP, [result.e_star[0]], len(text))
+    assert generated[0].tolist() == text.tolist()
+
+
+@pytest.mark.parametrize("arch", ["hyper", "qattn"])
+def test_both_archs_give_b_k_d_and_padding_is_ignored(arch):
+    from newllm.virtual_tokens.compressor import Compressor, CompressorConfig
+
+    torch.manual_seed(0)
+    compressor = Compressor(CompressorConfig(arch, 24, 32, 3, num_heads=4, num_layers=2,
+                                             ffn_dim=16)).eval()
+    hidden = torch.randn(2, 5, 24)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out = compressor(hidden, mask)
+    assert out.shape == (2, 3, 32)
+    # the second row's padding (garbage values included) never reaches its output
+    alone = compressor(hidden[1:, :3], mask[1:, :3])
+    assert torch.allclose(out[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["hyper", "qattn"])
+def test_kl_gradient_reaches_the_compressor_and_no_base_parameter(tiny, arch):
+    from newllm.virtual_tokens.compressor import (
+        Compressor,
+        CompressorConfig,
+        LossWeights,
+        compressor_loss,
+    )
+    from newllm.virtual_tokens.e_star import EStarSet
+
+    texts = [ids_of(tiny, "Bread is made from flour"), ids_of(tiny, "Birds migrate south")]
+    follows = [ids_of(tiny, ", water, salt"), ids_of(tiny, " in autumn")]
+    teacher = teacher_outputs(tiny.model, SEP, texts, follows, hidden_layer=1, context_layer=1)
+    top = teacher.logp.topk(8, dim=-1)
+    context = torch.nn.utils.rnn.pad_sequence(teacher.context_hidden, batch_first=True)
+    mask = torch.arange(context.shape[1])[None] < torch.tensor([len(t) for t in texts])[:, None]
+    data = EStarSet(torch.randn(2, 1, 32), texts, follows, context, mask, top.values,
+                    top.indices, teacher.hidden, torch.zeros(2), torch.zeros(2), {})
+    compressor = Compressor(CompressorConfig(arch, 32, 32, 1, num_heads=4, ffn_dim=16))
+    cpu = torch.device("cpu")
+    # the KL term alone: the regression term's gradient would reach the compressor anyway
+    kl_only = (compressor_loss(compressor, tiny.model, data, torch.arange(2), SEP,
+                               LossWeights(kl_weight=1.0), None, cpu)
+               - compressor_loss(compressor, tiny.model, data, torch.arange(2), SEP,
+                                 LossWeights(kl_weight=0.0), None, cpu))
+    assert kl_only.item() > 0
+    kl_only.backward()
+    assert compressor.queries.grad is not None and compressor.queries.grad.abs().sum() > 0
+    assert compressor.out_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.model.parameters())
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_tiny, tmp_path):
+    model = str(taught_model)
+    common = ("--model", model, "--device", "cpu")
+    result = run_cli("build-e-star", *common, "--data", str(prepared_tiny), "--num-virtual",
+                     "2", "--steps", "40", "--lr", "0.1", "--num-samples", "6",
+                     "--val-samples", "3", "--text-tokens", "16", "--follow-tokens", "6",
+                     "--hidden-layer-index", "1", "--context-layer-index", "1",
+                     "--teacher-topk", "16", "--batch-size", "4", cwd=tmp_path)
+    assert result.code == 0, result.err
+    build = read_json(tmp_path / "metrics/e_star/build.json")
+    assert build["train_pairs"] == 6 and build["val_pairs"] == 3
+    assert build["val_final_kl"] < 0.5 * build["val_no_context_kl"]
+    from newllm.artifacts import load_artifact
+
+    e_star = load_artifact(tmp_path / "artifacts/e_star/val.safetensors",
+                           kind="virtual-token-e-star")
+    assert e_star["e_star"].shape == (3, 2, 32)
+    assert e_star["context_hidden"].shape == (3, 16, 32)
+    assert e_star["teacher_topk_logp"].shape == (3, 6, 16)
+    # held-out pairs come from val documents only
+    assert e_star.meta["extra"]["split"] == "val"
+
+    for arch in ("hyper", "qattn"):
+        result = run_cli("train-compressor", *common, "--arch", arch, "--num-heads", "4",
+                         "--hyper-ffn-dim", "32", "--epochs", "3", "--batch-size", "4",
+                         "--lr", "0.001", "--hidden-weight", "0.1", "--hidden-layer-index",
+                         "1", cwd=tmp_path)
+        assert result.code == 0, result.err
+        trained = read_json(tmp_path / f"metrics/compressor/{arch}.json")
+        assert trained["base_weights_unchanged"] is True
+        assert (tmp_path / f"plots/compressor/{arch}.csv").is_file()
+
+    result = run_cli("eval-compressor", *common, "--greedy-tokens", "4", cwd=tmp_path)
+    assert result.code == 0, result.err
+    ev = read_json(tmp_path / "metrics/e_star/eval.json")
+    assert ev["full_text_kl"] < 1e-5 and ev["full_text_top1"] == 1.0
+    assert ev["full_text_greedy_len"] == 4
+    assert ev["e_star_kl"] < ev["no_context_kl"]
+    assert abs(ev["e_star_kl"] - ev["e_star_stored_kl"]) < 1e-3
+    assert ev["compression_ratio"] == 8.0
+    for arch in ("hyper", "qattn"):
+        assert ev[f"{arch}_amortization_gap"] == pytest.approx(ev[f"{arch}_kl"]
+                                                               - ev["e_star_kl"])
+    nearest = read_json(tmp_path / "metrics/e_star/nearest.json")["examples"]
+    assert len(nearest) == 3 and len(nearest[0]["e_star"]) == 2
+
+    result = run_cli("reconstruct-capacity", *common, "--data", str(prepared_tiny),
+                     "--num-virtual-list", "1,2", "--lengths", "2,4", "--steps", "60",
+                     cwd=tmp_path)
+    assert result.code == 0, result.err
+    capacity = read_json(tmp_path / "metrics/e_star/capacity.json")
+    assert {"capacity_k1", "capacity_k2"} <= set(capacity)
+
+    result = run_cli("demo-compressor", *common, "--compressor",
+                     "artifacts/compressors/qattn/compressor.safetensors", "--text",
+                     SENTENCES_0, "--prompt", "The river", "--max-new-tokens", "4",
+                     cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert "[no context]" in result.out and "[full text]" in result.out
+    assert "[compressed (2 vectors)]" in result.out
+
+
+SENTENCES_0 = "The river flows through the old city and reaches the sea after many miles."
+
+
+def test_bench_e_star_matches_one_at_a_time(run_cli, tiny_model, prepared_tiny, tmp_path):
+    import re
+
+    result = run_cli("bench", "e-star", "--model", str(tiny_model), "--device", "cpu",
+                     "--data", str(prepared_tiny), "--pairs", "4", "--steps", "3",
+                     "--text-tokens", "8", "--follow-tokens", "4", cwd=tmp_path)
+    assert result.code == 0, result.err
+    lines = result.out.strip().splitlines()
+    assert re.fullmatch(r"e-star speedup: [0-9.]+x", lines[-1]), result.out
+    diff = float(re.search(r"max \|final KL difference\| ([0-9.e+-]+)", result.out)[1])
+    assert diff < 1e-4, result.out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.real_model
+def test_real_default_base_e_star_beats_no_context(real_assets):
+    base = load_base(str(real_assets / "smollm2-135m"), device="cpu")
+    from newllm.tokens import separator_token_id
+
+    sep = separator_token_id(base.tokenizer)
+    docs = [("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+             "France. It is named after the engineer", " Gustave Eiffel, whose company"),
+            ("Photosynthesis is the process by which green plants use sunlight to make",
+             " food from carbon dioxide and water."),
+            ("The Pacific Ocean is the largest and deepest of Earth's five oceanic",
+             " divisions. It extends from the Arctic")]
+    texts = [ids_of(base, t) for t, _ in docs]
+    follows = [ids_of(base, f) for _, f in docs]
+    result = optimize_e_star(base.model, EStarConfig(steps=8, lr=0.1, batch_size=3), sep,
+                             texts, follows)
+    teacher = teacher_outputs(base.model, sep, texts, follows, hidden_layer=None,
+                              context_layer=None)
+    baseline = no_context_kl(base.model, sep, follows, teacher)
+    assert (result.final_loss < baseline).all(), (result.final_loss, baseline)
+    assert result.final_loss.mean() < 0.8 * baseline.mean()
