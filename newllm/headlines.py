@@ -169,7 +169,7 @@ HEADLINES: tuple[Headline, ...] = (
             Figure("seed_val_ppl", "seed val PPL", ".1f"),
             Figure("seed_val_accuracy", "seed val accuracy", ".3f"),
         ),
-        note="Ours: 6k phase-1 and 12k phase-2 tokens per configuration on a CPU; the seed's: "
+        note="Ours: 3k phase-1 and 6k phase-2 tokens per configuration on a CPU; the seed's: "
              "2M tokens on a GPU with GPT-2 embeddings. Blank: the seed gives no figure.",
     ),
     Headline(

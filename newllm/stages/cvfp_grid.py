@@ -24,10 +24,10 @@ class CvfpGridParams:
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
     config: str = param("blocks2_500", "Configuration to run, one of: " + ", ".join(GRID)
                         + ".")
-    phase1_tokens: int = param(6000, "Phase-1 train tokens per configuration (shared among "
+    phase1_tokens: int = param(3000, "Phase-1 train tokens per configuration (shared among "
                                "its blocks).", min=2)
     max_iterations: int = param(5, "Phase-1 parallel iterations.", min=1)
-    train_tokens: int = param(12000, "Phase-2 train tokens per configuration.", min=2)
+    train_tokens: int = param(6000, "Phase-2 train tokens per configuration.", min=2)
     val_tokens: int = param(3000, "Val tokens for phase-1 ranks and phase-2 PPL.", min=2)
     epochs: int = param(1, "Phase-2 epochs.", min=1)
     batch_size: int = param(256, "Phase-2 positions per step.", min=1)

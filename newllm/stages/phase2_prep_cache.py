@@ -28,7 +28,7 @@ class PrepCacheParams:
     group = "phase2_prep_cache"
     blocks: str = param("artifacts/cvfp/context_blocks.safetensors", "Phase-1 blocks artifact.")
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
-    train_tokens: int | None = param(100000, "Cache this many tokens from the start of the "
+    train_tokens: int | None = param(60000, "Cache this many tokens from the start of the "
                                      "train stream (null = all of it).", min=2)
     val_tokens: int | None = param(None, "Same for the val stream (null = all of it).", min=2)
     chunk_tokens: int = param(8192, "Tokens per chunk (and per cache file).", min=1)

@@ -31,9 +31,9 @@ class Phase2TokenParams:
     group = "phase2_token"
     blocks: str = param("artifacts/cvfp/context_blocks.safetensors", "Phase-1 blocks artifact.")
     cache: str = param("artifacts/cvfp/context_cache", "phase2-prep-cache folder.")
-    max_train_tokens: int | None = param(80000, "Train on the first this many cached train "
+    max_train_tokens: int | None = param(60000, "Train on the first this many cached train "
                                          "tokens (null = all cached).", min=2)
-    max_val_tokens: int | None = param(20000, "Validate on the first this many cached val "
+    max_val_tokens: int | None = param(10000, "Validate on the first this many cached val "
                                        "tokens (null = all cached).", min=2)
     epochs: int = param(2, "Passes over the train tokens.", min=1)
     batch_size: int = param(256, "Positions per optimizer step.", min=1)
