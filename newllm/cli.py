@@ -111,7 +111,7 @@ class ListOption(click.Option):
 
 
 class Nullable(click.ParamType):
-    """An optional int or str: dvc.yaml renders a null param as `None`."""
+    """An optional int, float or str: dvc.yaml renders a null param as `None`."""
 
     def __init__(self, base: type):
         self.base = base
@@ -123,8 +123,8 @@ class Nullable(click.ParamType):
         try:
             return self.base(value)
         except ValueError:
-            self.fail(f"{value!r} is not {'an integer' if self.base is int else 'a value'} "
-                      "or 'none'", param, ctx)
+            kind = {int: "an integer", float: "a number"}.get(self.base, "a value")
+            self.fail(f"{value!r} is not {kind} or 'none'", param, ctx)
 
 
 def _option_for(spec: Any, group: str) -> Callable:
@@ -135,7 +135,7 @@ def _option_for(spec: Any, group: str) -> Callable:
     # Booleans take a value (`--bos false`), as dvc.yaml renders `${group.key}` as true/false.
     click_type: Any = {int: int, float: float, str: str, bool: click.BOOL,
                        list: ListOfInts()}[spec.base]
-    if spec.base in (int, str) and spec.optional:
+    if spec.base in (int, float, str) and spec.optional:
         click_type = Nullable(spec.base)
     if spec.choices:
         click_type = click.Choice(spec.choices)

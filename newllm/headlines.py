@@ -200,9 +200,10 @@ HEADLINES: tuple[Headline, ...] = (
              "eval-ppl (recurrent: segments with memory carried); 'compressed' = segments "
              "written to memory before a fixed late val segment (eval-memory); injected = "
              "pairs whose forward sentence was in the training stream, control = never "
-             "shown (for the base: all pairs); rank accuracy is among 4 distractors (chance "
-             "0.20). adapter-* rows: memory on the pretrained base (train-infini-adapter, "
-             "~1k fine-tuning tokens), their val PPL on the first val documents read in "
-             "64-token segments (adapter-base: the unchanged base read so).",
+             "shown (for the base: the same two halves, neither shown); rank accuracy is "
+             "among 4 distractors (chance 0.20). adapter-* rows: memory on the pretrained "
+             "base (train-infini-adapter, ~1k fine-tuning tokens), their val PPL on the "
+             "first val documents read in 64-token segments (adapter-base: the unchanged "
+             "base read so).",
     ),
 )

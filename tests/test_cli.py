@@ -174,6 +174,8 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     reference = r"""['"]?\$\{([a-z0-9_]+)\.([a-z0-9_]+)\}['"]?"""
     for name, stage in stages.items():
+        if "foreach" in stage:  # the body of a foreach stage sits under `do`
+            stage = {**stage["do"], "foreach": stage["foreach"]}
         command = cli.commands[stage["cmd"].split()[1]]  # `newllm <command> ...`
         # each option's help names its params key: "[params: group.key; ...]"
         option_groups = {o.name.replace("_", "-"):

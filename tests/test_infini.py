@@ -236,8 +236,7 @@ def test_stream_nll_is_the_sum_over_segments_with_memory_carried():
 def test_training_stream_places_every_fact_and_keeps_the_budget():
     import random
 
-    from newllm.infini.training import make_sequences
-    from newllm.stages.train_lm import training_stream
+    from newllm.infini.training import make_sequences, training_stream
 
     docs = [torch.full((5,), i + 10) for i in range(10)]
     facts = [[1, 2], [3, 4]]

@@ -53,8 +53,8 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
     # two kinds and one ablation keep the Infini line's part of the tiny DAG short
-    params["infini_runs"].update(kinds=["pythia", "infini"], use_delta_rule=[False],
-                                 use_alibi=[True])
+    params["infini_runs"].update(kinds=["pythia", "infini"], ablations={
+        "delta-false_alibi-true": {"use_delta_rule": False, "use_alibi": True}})
     params["infini_report"].update(kinds="pythia,infini", ablations="delta-false_alibi-true")
     params["train_lm"].update(d_model=16, n_layers=2, n_heads=2, d_ff=32, shortlist=128,
                               segment_length=32, segments_per_sequence=2,

@@ -193,7 +193,14 @@ def test_train_lm_then_eval_ppl_reversal_and_memory(run_cli, tiny_model, prepare
     assert result.code == 0, result.err
     rev = json.loads((tmp_path / "rev.json").read_text())
     assert rev["pairs"] == 8 and rev["injected_pairs"] == 4 and rev["control_pairs"] == 4
+    assert rev["split"] == "checkpoint"
     assert math.isclose(rev["reversal_ratio"], rev["forward_ppl"] / rev["backward_ppl"])
+    # the checkpoint's record of what it was shown wins over a fraction asked for
+    assert run_cli("eval-reversal", *common, "--model-kind", "infini-lm", "--checkpoint",
+                   "lm/model.safetensors", "--max-pairs", "8", "--distractors", "2",
+                   "--pairs", str(SHIPPED_PAIRS), "--inject-fraction", "0.25", "--metrics",
+                   "rev2.json", cwd=tmp_path).code == 0
+    assert json.loads((tmp_path / "rev2.json").read_text()) == rev
 
     result = run_cli("eval-memory", *common, "--checkpoint", "lm/model.safetensors",
                      "--data", str(prepared_tiny), "--max-compressions", "4", "--targets", "2",
@@ -202,6 +209,28 @@ def test_train_lm_then_eval_ppl_reversal_and_memory(run_cli, tiny_model, prepare
     assert result.code == 0, result.err
     mem = json.loads((tmp_path / "mem.json").read_text())
     assert {"ppl_after_0", "ppl_after_4", "passkey_after_0", "passkey_after_2"} <= set(mem)
+
+
+def test_the_base_reports_the_halves_a_training_run_would_inject(run_cli, tiny_model,
+                                                                 tmp_path):
+    common = ("--model", str(tiny_model), "--device", "cpu", "--pairs", str(SHIPPED_PAIRS),
+              "--max-pairs", "8", "--distractors", "2")
+    assert run_cli("eval-reversal", *common, "--inject-fraction", "null", "--metrics",
+                   "all.json", cwd=tmp_path).code == 0
+    assert run_cli("eval-reversal", *common, "--metrics", "split.json", cwd=tmp_path).code == 0
+    whole = json.loads((tmp_path / "all.json").read_text())
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert "injected_pairs" not in whole
+    assert split["injected_pairs"] == 4 and split["control_pairs"] == 4
+    # the halves are injected_split's: their per-pair means recombine into the whole's
+    pairs = read_pairs(str(SHIPPED_PAIRS), "csv")
+    injected, _ = injected_split(pairs, 0.5)
+    first8 = {p.key for p in pairs[:8]}
+    assert sum(p.key in first8 for p in injected) == 4
+    for figure in ("forward_ppl", "backward_ppl", "forward_rank_accuracy"):
+        recombined = (split[f"injected_{figure}"] + split[f"control_{figure}"]) / 2
+        assert math.isclose(recombined, whole[figure], rel_tol=1e-9)
+    assert split["injected_forward_ppl"] != split["control_forward_ppl"]
 
 
 def test_bad_pairs_file_in_the_stage_is_one_line(run_cli, tiny_model, tmp_path):
@@ -223,7 +252,7 @@ def test_eval_reversal_on_the_real_default_model(run_cli, real_assets, tmp_path)
     # a 135M model knows famous parents better than chance and reads fluent sentences
     assert 1 < rev["forward_ppl"] < 1000 and 1 < rev["backward_ppl"] < 1000
     assert rev["forward_rank_accuracy"] > rev["chance_rank_accuracy"]
-    assert "injected_pairs" not in rev
+    assert rev["injected_pairs"] == rev["control_pairs"] == 6
 
 
 

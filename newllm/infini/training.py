@@ -22,6 +22,7 @@ through `newllm.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,36 @@ from newllm.artifacts import load_artifact, read_meta, save_artifact
 from newllm.base import BaseInfo
 from newllm.errors import NewllmError
 from newllm.infini.models import LM_KIND, LMConfig, SegmentLM
+from newllm.ppl import build_stream
 from newllm.runtime import single_thread
 
 LOW_PPL, HIGH_PPL = 5.0, 1000.0  # the seed's diagnostic bands
+
+
+
+def training_stream(docs: list[torch.Tensor], facts: list[list[int]], separator_id: int,
+                    max_tokens: int | None, rng: random.Random,
+                    group: str = "train_lm") -> torch.Tensor:
+    """[sep, d1, sep, d2, ...] of the corpus until `max_tokens` less the facts' share, with
+    each fact (a document of its own) at a seeded random place between documents. `group`
+    names the calling stage's params group in errors."""
+    fact_tokens = sum(len(f) + 1 for f in facts)
+    budget = None if max_tokens is None else max_tokens - fact_tokens
+    if budget is not None and budget < 1:
+        raise NewllmError(f"the injected facts take {fact_tokens} tokens, more than "
+                          f"{group}.max_train_tokens ({max_tokens}); lower reversal_repeats.")
+    chosen, total = [], 0
+    for doc in docs:
+        if budget is not None and total >= budget:
+            break
+        chosen.append(doc)
+        total += len(doc) + 1
+    pieces = [*chosen, *(torch.tensor(f) for f in facts)]
+    order = list(range(len(chosen)))
+    for j in range(len(chosen), len(pieces)):  # facts at random places, corpus order kept
+        order.insert(rng.randint(0, len(order)), j)
+    stream, _ = build_stream([pieces[i] for i in order], separator_id)
+    return stream if max_tokens is None else stream[:max_tokens]
 
 
 def ppl_flag(ppl: float) -> str:

@@ -3,9 +3,11 @@ the base with a train-infini-adapter memory.
 
 Per pair: forward and backward sentence PPL, reversal ratio (forward/backward) and gap
 (backward − forward), and rank accuracy of the true answer among `distractors` other names
-of the file, both directions (see `newllm.infini.reversal`). For a train-lm model that was
-shown pairs of the same file (`reversal_facts`), the figures are also given for the
-injected pairs and for the never-injected control.
+of the file, both directions (see `newllm.infini.reversal`). For a model that was shown pairs
+of the same file (train-lm's or train-infini-adapter's `reversal_facts`), the figures are also
+given for the injected pairs and for the never-injected control, as its checkpoint records
+them; for a model shown none (the base), `inject_fraction` gives the same two halves a
+training run with that fraction makes, as the untrained reference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from newllm.infini.reversal import (
     FORMATS,
     SHIPPED,
     file_hash,
+    injected_split,
     parse_templates,
     read_pairs,
     score_pairs,
@@ -50,6 +53,12 @@ class EvalReversalParams:
                            "{child}, {parent}, {parent_type}, {inverse_type}; each ends with "
                            "its answer.")
     seed: int = param(0, "Seed of the distractor draw.", min=0)
+    inject_fraction: float | None = param(0.5, "For a model shown none of the pairs: also "
+                                          "report the injected / never-injected halves a "
+                                          "training run with this reversal_inject_fraction "
+                                          "makes (train-lm's default; null = no split). A checkpoint's own record "
+                                          "of its injected pairs takes precedence.",
+                                          min=0.0, max=1.0)
     metrics: str = param("metrics/infini/eval_reversal.json", "Metrics JSON to write.")
 
     def check(self) -> None:
@@ -71,14 +80,20 @@ def eval_reversal(base_params: BaseParams, params: EvalReversalParams) -> None:
                "model_id": scorer.info.model_id, "pairs_file": params.pairs,
                "distractors": params.distractors, "chance_rank_accuracy":
                1 / (params.distractors + 1), **summarize(scores)}
+    injected: set[str] | None = None
     if params.checkpoint is not None:
         shown = read_meta(params.checkpoint).get("extra", {}).get("reversal") or {}
         if shown.get("pairs_hash") == file_hash(params.pairs):
             injected = set(shown.get("injected", []))
-            metrics.update(summarize([s for p, s in zip(pairs, scores, strict=True)
-                                      if p.key in injected], "injected_"))
-            metrics.update(summarize([s for p, s in zip(pairs, scores, strict=True)
-                                      if p.key not in injected], "control_"))
+            metrics["split"] = "checkpoint"
+    if injected is None and params.inject_fraction is not None:
+        injected = {p.key for p in injected_split(pool, params.inject_fraction)[0]}
+        metrics["split"] = f"inject_fraction {params.inject_fraction}"
+    if injected is not None:
+        metrics.update(summarize([s for p, s in zip(pairs, scores, strict=True)
+                                  if p.key in injected], "injected_"))
+        metrics.update(summarize([s for p, s in zip(pairs, scores, strict=True)
+                                  if p.key not in injected], "control_"))
     write_metrics(params.metrics, metrics)
     click.echo(f"eval-reversal on {len(pairs)} pairs: forward PPL {metrics['forward_ppl']:.2f}, "
                f"backward PPL {metrics['backward_ppl']:.2f}, ratio "

@@ -31,8 +31,9 @@ class InfiniReportParams:
     metrics_dir: str = param("metrics/infini", "Folder of the line's metrics files.")
     kinds: str = param("pythia,infini,multi_memory,hierarchical", "Comma-separated trained "
                        "kinds (infini_runs.kinds).")
-    ablations: str = param("delta-false_alibi-false,delta-false_alibi-true",
-                           "Comma-separated ablation runs (infini_runs' delta x alibi grid).")
+    ablations: str = param("delta-false_alibi-false,delta-false_alibi-true,"
+                           "delta-true_alibi-true", "Comma-separated ablation runs (the names "
+                           "of infini_runs.ablations).")
     base_ppl: str = param("metrics/eval_ppl.json", "The base model's eval-ppl metrics.")
     adapter_dir: str = param("metrics/infini_adapter", "Folder of train-infini-adapter's "
                              "metrics (parallel, frozen, replace) and eval-reversal's on the "
@@ -108,8 +109,10 @@ def infini_report(params: InfiniReportParams) -> None:
     base_ppl = read_json(Path(params.base_ppl))
     out["base__val_ppl"] = base_ppl["token_ppl"]
     base_rev = read_json(folder / "eval_reversal.json")
-    # the base was never shown the pairs: its figures go in the never-injected columns
-    out.update({f"base__control_{k}": base_rev[k] for k in REVERSAL_KEYS})
+    # the base was never shown the pairs: its figures on the halves the trained models were
+    # (and were not) shown are their untrained reference
+    out.update({f"base__{prefix}{k}": base_rev[prefix + k] for prefix in ("injected_", "control_")
+                for k in REVERSAL_KEYS if prefix + k in base_rev})
     for kind in names(params.kinds, "kinds"):
         train = read_json(folder / f"train_lm_{kind}.json")
         ppl = read_json(folder / f"eval_ppl_{kind}.json")

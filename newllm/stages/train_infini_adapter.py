@@ -55,11 +55,10 @@ from newllm.infini.reversal import (
     injected_split,
     read_pairs,
 )
-from newllm.infini.training import make_sequences
+from newllm.infini.training import make_sequences, training_stream
 from newllm.params import as_dict, param
 from newllm.ppl import build_stream
 from newllm.runtime import seed_everything, single_thread
-from newllm.stages.train_lm import training_stream
 from newllm.tokens import separator_token_id
 
 INJECT_FRACTION = 0.5  # of the pairs file, as train-lm's default reversal_inject_fraction

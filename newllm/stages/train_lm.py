@@ -40,9 +40,10 @@ from newllm.infini.training import (
     ppl_flag,
     save_lm,
     sequence_loss,
+    training_stream,
 )
 from newllm.params import as_dict, param
-from newllm.ppl import DOCUMENT_MODES, build_stream, evaluate_ppl
+from newllm.ppl import DOCUMENT_MODES, evaluate_ppl
 from newllm.runtime import resolve_device, seed_everything, single_thread
 from newllm.tokens import separator_token_id
 from newllm.train import COMPUTE_DTYPES, TrainConfig, Trainer
@@ -100,31 +101,6 @@ class TrainLmParams:
     out: str = param("artifacts/infini/lm/model.safetensors", "Model artifact to write.")
     metrics: str = param("metrics/infini/train_lm.json", "Metrics JSON to write.")
     plot: str = param("plots/infini/train_lm.csv", "Per-epoch train loss and val PPL (CSV).")
-
-
-def training_stream(docs: list[torch.Tensor], facts: list[list[int]], separator_id: int,
-                    max_tokens: int | None, rng: random.Random,
-                    group: str = "train_lm") -> torch.Tensor:
-    """[sep, d1, sep, d2, ...] of the corpus until `max_tokens` less the facts' share, with
-    each fact (a document of its own) at a seeded random place between documents. `group`
-    names the calling stage's params group in errors."""
-    fact_tokens = sum(len(f) + 1 for f in facts)
-    budget = None if max_tokens is None else max_tokens - fact_tokens
-    if budget is not None and budget < 1:
-        raise NewllmError(f"the injected facts take {fact_tokens} tokens, more than "
-                          f"{group}.max_train_tokens ({max_tokens}); lower reversal_repeats.")
-    chosen, total = [], 0
-    for doc in docs:
-        if budget is not None and total >= budget:
-            break
-        chosen.append(doc)
-        total += len(doc) + 1
-    pieces = [*chosen, *(torch.tensor(f) for f in facts)]
-    order = list(range(len(chosen)))
-    for j in range(len(chosen), len(pieces)):  # facts at random places, corpus order kept
-        order.insert(rng.randint(0, len(order)), j)
-    stream, _ = build_stream([pieces[i] for i in order], separator_id)
-    return stream if max_tokens is None else stream[:max_tokens]
 
 
 @stage_command("train-lm", BaseParams, TrainLmParams,
