@@ -226,14 +226,36 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# tokenizer_config.json classes that are the generic fast tokenizer over tokenizer.json
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _generic_fast_tokenizer(source: _Source) -> bool:
+    """Whether the folder's tokenizer is the generic fast one over its tokenizer.json."""
+    config = source.folder / "tokenizer_config.json"
+    if source.gguf_file is not None or not (source.folder / "tokenizer.json").is_file() \
+            or not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+    except ValueError:
+        return False
+
+
 def load_tokenizer(model: str) -> tuple[Any, BaseInfo]:
     """The base tokenizer alone (prepare-data needs nothing else)."""
     prepare_transformers()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source = _resolve(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        if _generic_fast_tokenizer(source):
+            # the class AutoTokenizer would pick, loaded directly: AutoTokenizer first imports
+            # the model's configuration machinery (~1.5 s, in every stage that needs only text)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source.folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.folder,
+                                                      gguf_file=source.gguf_file)
     except Exception as exc:
         raise NewllmError(f"base.model '{model}': could not load its tokenizer "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None

@@ -460,6 +460,15 @@ CASES = [
     Case("capacity-bad-lengths", ("reconstruct-capacity", "--model", "{model}", "--lengths",
                                   "4,x", "--metrics", "c.json", "--plot", "c.csv"), None,
          ("reconstruct_capacity.lengths must be a comma-separated list of positive integers",)),
+    # click's own checks on the command line (a value outside its choices, not a number, an
+    # unknown option): one line too, naming the command and the option.
+    Case("usage-bad-choice", ("train-compressor", "--model", "{model}", "--arch", "mlp"), None,
+         ("newllm train-compressor: Invalid value for '--arch'", "'hyper'", "--help")),
+    Case("usage-not-a-number", ("eval-reversal", "--model", "{model}", "--inject-fraction",
+                                "half"), None,
+         ("newllm eval-reversal: Invalid value for '--inject-fraction'", "not a number")),
+    Case("usage-unknown-option", ("eval-memory", "--model", "{model}", "--passkeys", "3"),
+         None, ("newllm eval-memory: No such option '--passkeys'", "--passkey-trials")),
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),

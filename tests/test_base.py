@@ -173,3 +173,26 @@ def test_state_dict_hash_takes_scalar_buffers():
     before = state_dict_hash(module)
     module.scale += 1
     assert state_dict_hash(module) != before
+
+
+def test_a_generic_fast_tokenizer_loads_directly_and_equals_autotokenizer(tiny_model, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from newllm.base import _generic_fast_tokenizer, _resolve, load_tokenizer, tokenizer_hash
+
+    assert _generic_fast_tokenizer(_resolve(str(tiny_model)))
+    direct, info = load_tokenizer(str(tiny_model))
+    auto = AutoTokenizer.from_pretrained(tiny_model)
+    assert info.tokenizer_hash == tokenizer_hash(auto)
+    text = "The river flows through the old city."
+    assert direct(text)["input_ids"] == auto(text)["input_ids"]
+    assert direct.eos_token == auto.eos_token and direct.pad_token == auto.pad_token
+    # a model-specific tokenizer class goes through AutoTokenizer, as before
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "LlamaTokenizer"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not _generic_fast_tokenizer(_resolve(str(other)))

@@ -3,12 +3,14 @@ on the tiny fixture model; one test on the real default base."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error
 
 from newllm.base import load_base
 from newllm.virtual_tokens.e_star import (
@@ -194,6 +196,85 @@ def test_kl_gradient_reaches_the_compressor_and_no_base_parameter(tiny, arch):
     assert not any(p.requires_grad for p in tiny.model.parameters())
 
 
+def test_pooled_attention_against_a_per_query_loop():
+    from newllm.virtual_tokens.compressor import pooled_attention
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, total = 3, 2, 9
+    causal = torch.ones(total, total).tril().bool()
+    logits = torch.randn(batch, heads, total, total, generator=g).masked_fill(~causal, -1e9)
+    probs = logits.softmax(dim=-1)
+    prefix = torch.tensor([4, 2, 6])  # separator + context
+    positions = torch.tensor([[3, 4, 5, 6], [1, 2, 3, 4], [5, 6, 7, 8]])
+    pooled = pooled_attention(probs, prefix, positions)
+    assert pooled.shape == (batch, heads, 4, 6)
+    for b, h, c in itertools.product(range(batch), range(heads), range(4)):
+        row = probs[b, h, positions[b, c]]
+        start = int(prefix[b])
+        want = [row[0], row[1:start].sum()] + [row[start + j] if start + j < total else 0.0
+                                                for j in range(4)]
+        assert torch.allclose(pooled[b, h, c], torch.tensor(want), atol=1e-6)
+        assert pooled[b, h, c].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+class Fixed(torch.nn.Module):
+    """A stand-in compressor that emits given vectors (plus a zero-initialised shift)."""
+
+    def __init__(self, vectors: torch.Tensor):
+        super().__init__()
+        self.vectors = vectors
+        self.shift = torch.nn.Parameter(torch.zeros(vectors.shape[-1]))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.vectors + self.shift
+
+
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_attention_match_is_zero_when_the_student_reads_the_text_itself(tiny, use_weights):
+    from newllm.virtual_tokens.compressor import (
+        LossWeights,
+        attention_targets,
+        compressor_loss,
+    )
+    from newllm.virtual_tokens.e_star import EStarSet, embed
+
+    # equal-length texts so that k = T: the "virtual tokens" are the text's own embeddings
+    texts = [ids_of(tiny, "Bread is made from flour"), ids_of(tiny, "Birds migrate south")]
+    texts = [t[:4] for t in texts]
+    follows = [ids_of(tiny, ", water, salt"), ids_of(tiny, " in autumn")]
+    with torch.no_grad():
+        vectors = torch.stack([embed(tiny.model, t) for t in texts])  # [2, 4, d]
+    layers = (0, 1)
+    implementation = tiny.model.config._attn_implementation
+    targets = attention_targets(tiny.model, SEP, texts, follows, layers, use_weights)
+    assert tiny.model.config._attn_implementation == implementation  # restored
+    width = max(len(f) for f in follows)
+    assert targets.shape[:2] == (2, 2) and targets.shape[-2:] == (
+        (width, 2 + width) if use_weights else (width, 32))
+    context = torch.zeros(2, 4, 32)
+    data = EStarSet(vectors, texts, follows, context, torch.ones(2, 4, dtype=torch.bool),
+                    torch.zeros(2, width, 1), torch.zeros(2, width, 1, dtype=torch.long), None,
+                    torch.zeros(2), torch.zeros(2), {})
+    weights = LossWeights(kl_weight=0.0, attn_weight=1.0, attn_layers=layers,
+                          attn_use_weights=use_weights)
+    cpu = torch.device("cpu")
+    same = compressor_loss(Fixed(vectors), tiny.model, data, torch.arange(2), SEP, weights,
+                           None, cpu, targets)
+    assert same.item() == pytest.approx(0.0, abs=1e-5)
+    # moved off the text, the student attends differently; the gradient reaches the
+    # compressor and never the base
+    moved = Fixed(vectors + 0.5 * torch.randn(vectors.shape, generator=torch.Generator()
+                                              .manual_seed(0)))
+    no_attention = compressor_loss(moved, tiny.model, data, torch.arange(2), SEP,
+                                   LossWeights(kl_weight=0.0), None, cpu)
+    attention = compressor_loss(moved, tiny.model, data, torch.arange(2), SEP, weights, None,
+                                cpu, targets) - no_attention
+    assert attention.item() > 1e-4
+    attention.backward()
+    assert moved.shift.grad is not None and moved.shift.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.model.parameters())
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -220,15 +301,29 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     # held-out pairs come from val documents only
     assert e_star.meta["extra"]["split"] == "val"
 
-    for arch in ("hyper", "qattn"):
-        result = run_cli("train-compressor", *common, "--arch", arch, "--num-heads", "4",
-                         "--hyper-ffn-dim", "32", "--epochs", "3", "--batch-size", "4",
-                         "--lr", "0.001", "--hidden-weight", "0.1", "--hidden-layer-index",
-                         "1", cwd=tmp_path)
+    # eval-compressor's default runs: hyper, qattn (matching attention weights) and a
+    # named hyper run matching attention outputs (layers 0 and last)
+    for run, arch, attn_weight, use_weights in (("hyper", "hyper", "0", "false"),
+                                                ("qattn", "qattn", "0.5", "true"),
+                                                ("hyper_attn", "hyper", "0.5", "false")):
+        result = run_cli("train-compressor", *common, "--arch", arch, "--name", run,
+                         "--num-heads", "4", "--hyper-ffn-dim", "32", "--epochs", "3",
+                         "--batch-size", "4", "--lr", "0.001", "--hidden-weight", "0.1",
+                         "--hidden-layer-index", "1", "--attn-weight", attn_weight,
+                         "--attn-layers", "0,-1", "--attn-use-weights", use_weights,
+                         cwd=tmp_path)
         assert result.code == 0, result.err
-        trained = read_json(tmp_path / f"metrics/compressor/{arch}.json")
-        assert trained["base_weights_unchanged"] is True
-        assert (tmp_path / f"plots/compressor/{arch}.csv").is_file()
+        trained = read_json(tmp_path / f"metrics/compressor/{run}.json")
+        assert trained["base_weights_unchanged"] is True and trained["arch"] == arch
+        assert trained["attn_weight"] == float(attn_weight)
+        assert (tmp_path / f"plots/compressor/{run}.csv").is_file()
+        assert (tmp_path / f"artifacts/compressors/{run}/compressor.safetensors").is_file()
+    result = run_cli("train-compressor", *common, "--arch", "hyper", "--num-heads", "4",
+                     "--attn-weight", "0.5", "--attn-layers", "0,2", "--out-dir", "bad",
+                     "--metrics-dir", "bad", cwd=tmp_path)
+    assert_one_line_error(result, "train_compressor.attn_layers must hold decoder layers in "
+                                  "[-2, 1]")
+    assert not (tmp_path / "bad").exists()
 
     result = run_cli("eval-compressor", *common, "--greedy-tokens", "4", cwd=tmp_path)
     assert result.code == 0, result.err
@@ -238,11 +333,19 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     assert ev["e_star_kl"] < ev["no_context_kl"]
     assert abs(ev["e_star_kl"] - ev["e_star_stored_kl"]) < 1e-3
     assert ev["compression_ratio"] == 8.0
-    for arch in ("hyper", "qattn"):
-        assert ev[f"{arch}_amortization_gap"] == pytest.approx(ev[f"{arch}_kl"]
-                                                               - ev["e_star_kl"])
+    for run in ("hyper", "qattn", "hyper_attn"):
+        assert ev[f"{run}_amortization_gap"] == pytest.approx(ev[f"{run}_kl"]
+                                                              - ev["e_star_kl"])
+        assert ev[f"{run}_minus_mean_e_star_kl"] == pytest.approx(ev[f"{run}_kl"]
+                                                                  - ev["mean_e_star_kl"])
+    # the control: one vector set for every pair, the mean of the training e*
+    assert ev["mean_e_star_mse"] > 0 and ev["mean_e_star_kl"] > ev["e_star_kl"]
     nearest = read_json(tmp_path / "metrics/e_star/nearest.json")["examples"]
     assert len(nearest) == 3 and len(nearest[0]["e_star"]) == 2
+    result = run_cli("eval-compressor", *common, "--runs", "hyper,e_star", "--metrics",
+                     "bad.json", cwd=tmp_path)
+    assert_one_line_error(result, "eval_compressor.runs must be comma-separated distinct")
+    assert not (tmp_path / "bad.json").exists()
 
     result = run_cli("reconstruct-capacity", *common, "--data", str(prepared_tiny),
                      "--num-virtual-list", "1,2", "--lengths", "2,4", "--steps", "60",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -182,6 +183,33 @@ def test_memory_state_moves_between_models_through_safetensors(kind, tmp_path):
             key in STATE_KEYS[kind][2:]
 
 
+@pytest.mark.parametrize("kind,options", [
+    ("infini", {"use_delta_rule": True, "use_alibi": True}),
+    ("infini", {"use_delta_rule": False, "num_memory_banks": 2, "segments_per_bank": 1}),
+    ("multi_memory", {}), ("hierarchical", {})])
+def test_write_memory_leaves_the_state_forward_leaves(kind, options):
+    torch.manual_seed(3)
+    model = create_model(kind, **options, **TINY)
+    segments = [torch.randint(0, 50, (2, 8)) for _ in range(4)]
+    model.reset_memory()
+    with torch.no_grad():
+        for segment in segments:
+            model(segment)
+    by_forward = model.get_memory_state()
+    model.reset_memory()
+    for segment in segments:
+        model.write_memory(segment)
+    by_write = model.get_memory_state()
+    assert by_forward[STATE_KEYS[kind][0]].abs().sum() > 0
+    for key in by_forward:
+        assert torch.allclose(by_write[key], by_forward[key], rtol=0, atol=1e-6), key
+    probe = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        after_write = model(probe, update_memory=False)
+        model.set_memory_state(by_forward)
+        assert torch.allclose(after_write, model(probe, update_memory=False), atol=1e-6)
+
+
 def test_loading_memory_into_another_shape_is_a_clear_error(tmp_path):
     a = create_model("infini", **TINY)
     a(torch.randint(0, 50, (1, 8)))
@@ -249,3 +277,43 @@ def test_training_stream_places_every_fact_and_keeps_the_budget():
     assert seqs.shape == (3, 9) and torch.equal(seqs[1, 0], seqs[0, -1])
     with pytest.raises(NewllmError, match=r"more than train_lm\.max_train_tokens"):
         training_stream(docs, facts * 10, 0, 20, random.Random(0))
+
+
+class CharTokenizer:
+    """Characters as ids 1..97 (0 is the separator): enough text for the passkey probe."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) % 97 + 1 for c in text]}
+
+
+def test_passkey_batched_equals_a_trial_by_trial_loop():
+    from newllm.infini.probes import FILLER, PASSKEY, QUESTION, passkey_accuracy
+
+    torch.manual_seed(0)
+    model = create_model("infini", vocab_size=98, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                         max_length=64).eval()
+    tokenizer, s, trials, candidates = CharTokenizer(), 64, 6, 3
+    batched = passkey_accuracy(model, tokenizer, 0, s, [0, 1, 2], trials, candidates, seed=4)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text)["input_ids"]
+
+    question = encode(QUESTION)
+    for n, accuracy in batched:  # the probe's definition, one trial and one row at a time
+        rng = random.Random(4 * 1000 + n)
+        correct = 0
+        for _ in range(trials):
+            keys = rng.sample(range(10000, 100000), candidates)
+            first = [0, *encode(PASSKEY.format(key=keys[0])), *encode(FILLER * 20)][:s]
+            prefix = first + encode(FILLER * 20)[:s] * n
+            scores = []
+            for key in keys:
+                model.reset_memory()
+                with torch.no_grad():
+                    for start in range(0, len(prefix), s):
+                        model(torch.tensor([prefix[start:start + s]]))
+                    row = torch.tensor([question + encode(f" {key}.")])
+                    lp = model.token_logprobs(model(row[:, :-1]), row[:, 1:])[0]
+                scores.append(float(lp[len(question) - 1:].sum()))
+            correct += all(scores[0] > other for other in scores[1:])
+        assert accuracy == correct / trials, n

@@ -33,7 +33,8 @@ def _params_classes() -> dict[str, type]:
 
 
 CLASSES = _params_classes()
-MATRIX_ONLY = {"per_layer", "infini_runs", "cvfp_grid_runs"}  # groups that only feed dvc matrices
+# groups that only feed dvc matrices / foreach stages
+MATRIX_ONLY = {"per_layer", "infini_runs", "cvfp_grid_runs", "compressor_runs"}
 
 
 def test_every_params_group_has_a_dataclass_and_every_stage_a_group():

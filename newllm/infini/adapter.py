@@ -41,7 +41,6 @@ from newllm.artifacts import load_artifact
 from newllm.base import BaseInfo
 from newllm.errors import NewllmError
 from newllm.infini.memory import MemoryAttention, MemoryConfig
-from newllm.runtime import single_thread
 
 ADAPTER_KIND = "infini-adapter"
 MODES = ("parallel", "replace")
@@ -354,10 +353,7 @@ class AdapterScorer:
     max_length: int | None = None
 
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
-        # one thread: a 135M model's segment matrices are small, and on a shared machine
-        # the second thread's synchronisation costs more than it gains (as train-lm)
-        with single_thread():
-            return segmented_logits(self.model, input_ids, self.segment_length)[:, -keep:]
+        return segmented_logits(self.model, input_ids, self.segment_length)[:, -keep:]
 
 
 def load_adapter_scorer(base_params: Any, checkpoint: str | None) -> AdapterScorer:

@@ -211,6 +211,19 @@ class SegmentLM(nn.Module):
         classes (head tied to the embedding; see token_logprobs / full_logprobs)."""
         return self.hidden(input_ids, update_memory) @ self.embed.weight.T
 
+    @torch.no_grad()
+    def write_memory(self, input_ids: torch.Tensor) -> None:
+        """Write one segment [B, T] into the memory exactly as forward() does, running only
+        what the memory reads: the embedding and block 0's memory layer (the later blocks
+        and the head cannot change it). Nothing to do for pythia, which has no memory."""
+        memory = self.memory
+        if memory is None:
+            return
+        if input_ids.shape[1] > self.config.max_length:
+            raise ValueError(f"a segment of {input_ids.shape[1]} tokens is longer than "
+                             f"max_length {self.config.max_length}")
+        memory(self.blocks[0].ln1(self.embed(self.to_class[input_ids])), update_memory=True)
+
     # --- memory API -------------------------------------------------------------------------
     def reset_memory(self) -> None:
         if self.memory is not None:

@@ -45,10 +45,10 @@ def doubling(limit: int) -> list[int]:
 
 @torch.no_grad()
 def read_segments(model: SegmentLM, rows: torch.Tensor, segment_length: int) -> torch.Tensor:
-    """Write rows [B, n·S] segment by segment into a fresh memory (logits discarded)."""
+    """Write rows [B, n·S] segment by segment into a fresh memory."""
     model.reset_memory()
     for start in range(0, rows.shape[1], segment_length):
-        model(rows[:, start:start + segment_length])
+        model.write_memory(rows[:, start:start + segment_length])
     return rows
 
 
@@ -91,27 +91,27 @@ def passkey_accuracy(model: SegmentLM, tokenizer, separator_id: int, segment_len
     filler_ids = encode(FILLER * (s // 4 + 2))
     filler_segment = filler_ids[:s]
     question = encode(QUESTION)
+    q = len(question)
     results = []
     for n in fillers:
         rng = random.Random(seed * 1000 + n)
-        correct = 0
+        prefixes, answers = [], []  # a row per (trial, candidate); the true key first
         for _ in range(trials):
             keys = rng.sample(range(10000, 100000), candidates)
             first = [separator_id, *encode(PASSKEY.format(key=keys[0])), *filler_ids][:s]
-            prefix = torch.tensor(first + filler_segment * n)
-            answers = [encode(f" {key}.") for key in keys]
-            width = len(question) + max(len(a) for a in answers)
-            if width > s:
-                raise NewllmError(f"the passkey question and a key take {width} tokens, more "
-                                  f"than the model's segment of {s} (train_lm.segment_length)."
-                                  )
-            rows = [torch.tensor(question + a + [separator_id] * (width - len(question) - len(a)))
-                    for a in answers]  # right-padded: causal, so padding changes nothing
-            tail = torch.stack(rows)
-            read_segments(model, prefix.expand(candidates, -1).contiguous(), s)
-            lp = model.token_logprobs(model(tail[:, :-1]), tail[:, 1:])
-            q = len(question)
-            scores = [float(lp[i, q - 1:q - 1 + len(a)].sum()) for i, a in enumerate(answers)]
-            correct += all(scores[0] > other for other in scores[1:])
+            prefixes += [first + filler_segment * n] * candidates
+            answers += [encode(f" {key}.") for key in keys]
+        width = q + max(len(a) for a in answers)
+        if width > s:
+            raise NewllmError(f"the passkey question and a key take {width} tokens, more "
+                              f"than the model's segment of {s} (train_lm.segment_length).")
+        # right-padded: causal, so padding changes nothing
+        tail = torch.tensor([question + a + [separator_id] * (width - q - len(a))
+                             for a in answers])
+        read_segments(model, torch.tensor(prefixes), s)  # all trials in one batch
+        lp = model.token_logprobs(model(tail[:, :-1]), tail[:, 1:])
+        scores = torch.stack([lp[i, q - 1:q - 1 + len(a)].sum() for i, a in enumerate(answers)])
+        scores = scores.view(trials, candidates)
+        correct = (scores[:, :1] > scores[:, 1:]).all(dim=1).sum().item()
         results.append((n, correct / trials))
     return results

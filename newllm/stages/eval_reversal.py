@@ -56,9 +56,9 @@ class EvalReversalParams:
     inject_fraction: float | None = param(0.5, "For a model shown none of the pairs: also "
                                           "report the injected / never-injected halves a "
                                           "training run with this reversal_inject_fraction "
-                                          "makes (train-lm's default; null = no split). A checkpoint's own record "
-                                          "of its injected pairs takes precedence.",
-                                          min=0.0, max=1.0)
+                                          "makes (train-lm's default; null = no split). A "
+                                          "checkpoint's own record of its injected pairs "
+                                          "takes precedence.", min=0.0, max=1.0)
     metrics: str = param("metrics/infini/eval_reversal.json", "Metrics JSON to write.")
 
     def check(self) -> None:

@@ -13,11 +13,23 @@ moves it from there.
 
 Loss (`compressor_loss`): cosine + relative-norm regression to e*, plus `kl_weight` x the KL
 of the frozen base's next-token distributions after `[sep, predicted, follow]` to the stored
-teacher top-K, plus an optional hidden-state match at the stored layer.
+teacher top-K, plus an optional hidden-state match at the stored layer, plus an optional
+attention match (`attn_weight`) at the decoder layers `attn_layers`, against the teacher
+reading `[sep, text, follow]`, at the positions that predict the follow tokens:
+
+- features (`attn_use_weights` false): the self-attention sublayer's output [C, d] there,
+  compared by `hidden_loss_type`;
+- weights (`attn_use_weights` true): each head's attention distribution there, pooled into
+  2 + C bins that mean the same thing in both readings: the separator, the whole context
+  (the text's T tokens for the teacher, the k virtual tokens for the student, summed), and
+  each follow token; compared by KL(teacher || student), mean over heads. Fused attention
+  kernels return no weights, so the base runs eager attention while these are read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +40,16 @@ from torch import nn
 
 from newllm.artifacts import Artifact, load_artifact, save_artifact
 from newllm.errors import NewllmError
+from newllm.hidden import decoder_of
 from newllm.virtual_tokens.e_star import (
     HIDDEN_LOSSES,
     EStarSet,
     continuation_logits,
+    continuation_positions,
+    embed,
+    gather_positions,
     hidden_loss_rows,
+    masked_mean,
     separator_rows,
     topk_kl_rows,
 )
@@ -130,6 +147,9 @@ class LossWeights:
     kl_temperature: float = 1.0
     hidden_weight: float = 0.0
     hidden_loss_type: str = "cosine_norm"
+    attn_weight: float = 0.0
+    attn_layers: tuple[int, ...] = ()  # decoder layer indices, resolved (0 = first)
+    attn_use_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_loss_type not in HIDDEN_LOSSES:
@@ -145,19 +165,144 @@ def regression_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (cosine + relative).mean(dim=-1)
 
 
+# --- attention matching -------------------------------------------------------------------
+
+def resolve_decoder_layers(text: str, num_layers: int,
+                           key: str = "train_compressor.attn_layers") -> list[int]:
+    """Comma-separated decoder layer indices in [-L, L-1] (negative: from the last) as
+    indices in [0, L-1]; else NewllmError naming `key`."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise NewllmError(f"{key} must be comma-separated integers, got {text!r}.") from None
+    for value in values:
+        if not -num_layers <= value < num_layers:
+            raise NewllmError(f"{key} must hold decoder layers in [{-num_layers}, "
+                              f"{num_layers - 1}] for this {num_layers}-layer model, got "
+                              f"{value}.")
+    return [value % num_layers for value in values]
+
+
+@contextmanager
+def capture_attention(model: torch.nn.Module, layers: Sequence[int],
+                      use_weights: bool) -> Iterator[list[torch.Tensor]]:
+    """While inside, each forward of `model` appends to the yielded list, per decoder layer of
+    `layers` in order, its self-attention output [B, T, d] or, with `use_weights`, its
+    attention probabilities [B, H, T, T] (eager attention meanwhile)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        value = output[1] if use_weights else output[0]
+        if value is None:
+            raise NewllmError("the base's attention returned no weights although eager "
+                              "attention was asked for; set train_compressor.attn_use_weights "
+                              "false to match attention outputs instead.")
+        captured.append(value)
+
+    decoder_layers = decoder_of(model).layers
+    handles = [decoder_layers[i].self_attn.register_forward_hook(hook) for i in layers]
+    previous = model.config._attn_implementation
+    if use_weights:
+        model.set_attn_implementation("eager")
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+        if use_weights:
+            model.set_attn_implementation(previous)
+
+
+def pooled_attention(probs: torch.Tensor, prefix_lengths: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """probs [B, H, T, T], prefix lengths [B] (separator + context), query positions [B, C]
+    -> [B, H, C, 2 + C]: the attention each query pays to the separator, to the context (its
+    positions summed) and to each continuation token."""
+    batch, heads, total, _ = probs.shape
+    width = positions.shape[1]
+    rows = probs.gather(2, positions[:, None, :, None].expand(batch, heads, width, total))
+    keys = torch.arange(total, device=probs.device)[None]  # [1, T]
+    starts = prefix_lengths.to(probs.device)[:, None]  # [B, 1]
+    in_context = ((keys >= 1) & (keys < starts)).to(rows.dtype)  # [B, T]
+    context = (rows * in_context[:, None, None]).sum(dim=-1, keepdim=True)
+    follow_keys = starts + torch.arange(width, device=probs.device)[None]  # [B, C]
+    valid = (follow_keys < total).to(rows.dtype)
+    follow = rows.gather(-1, follow_keys.clamp_max(total - 1)[:, None, None]
+                         .expand(batch, heads, width, width)) * valid[:, None, None]
+    return torch.cat([rows[..., :1], context, follow], dim=-1)
+
+
+def attention_features(captured: list[torch.Tensor], prefix_lengths: torch.Tensor,
+                       positions: torch.Tensor, use_weights: bool) -> torch.Tensor:
+    """What is matched, stacked over layers: [B, L, C, d] outputs or [B, L, H, C, 2 + C]
+    pooled weights at `positions`."""
+    if use_weights:
+        parts = [pooled_attention(p.float(), prefix_lengths, positions) for p in captured]
+    else:
+        parts = [gather_positions(o, positions).float() for o in captured]
+    return torch.stack(parts, dim=1)
+
+
+def attention_loss_rows(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                        use_weights: bool, kind: str) -> torch.Tensor:
+    """Per-row mismatch of `attention_features` at the real positions `mask` [B, C], mean
+    over layers (and heads): KL(teacher || student) of the pooled weights, or `kind`."""
+    if use_weights:
+        per_position = (teacher * (teacher.clamp_min(1e-12).log()
+                                   - student.clamp_min(1e-12).log())).sum(dim=-1)
+        per_position = per_position.mean(dim=2)  # heads: [B, L, C]
+        return torch.stack([masked_mean(per_position[:, layer], mask)
+                            for layer in range(per_position.shape[1])], dim=1).mean(dim=1)
+    return torch.stack([hidden_loss_rows(student[:, layer], teacher[:, layer], mask, kind)
+                        for layer in range(student.shape[1])], dim=1).mean(dim=1)
+
+
+@torch.no_grad()
+def attention_targets(model: torch.nn.Module, sep_id: int, texts: Sequence[torch.Tensor],
+                      follows: Sequence[torch.Tensor], layers: Sequence[int],
+                      use_weights: bool, batch_size: int = 16) -> torch.Tensor:
+    """The teacher's `attention_features` reading `[sep, text, follow]`, every example padded
+    to the longest follow C: [N, L, C, d] or [N, L, H, C, 2 + C]."""
+    width = max(len(f) for f in follows)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        batch_texts = texts[start:start + batch_size]
+        batch_follows = follows[start:start + batch_size]
+        prefixes = [embed(model, torch.cat([torch.tensor([sep_id], device=t.device), t.long()]))
+                    for t in batch_texts]
+        with capture_attention(model, layers, use_weights) as captured:
+            continuation_logits(model, prefixes, batch_follows)
+        total = max(len(p) + len(f) for p, f in zip(prefixes, batch_follows, strict=True))
+        lengths = [len(p) for p in prefixes]
+        positions, _ = continuation_positions(lengths, [len(f) for f in batch_follows], total,
+                                              prefixes[0].device)
+        features = attention_features(captured, torch.tensor(lengths), positions, use_weights)
+        pad = width - features.shape[-2]  # positions; with weights also that many bins
+        features = F.pad(features, (0, pad if use_weights else 0, 0, pad))
+        chunks.append(features)
+    return torch.cat(chunks)
+
+
 def compressor_loss(compressor: nn.Module, model: torch.nn.Module, data: EStarSet,
                     rows: torch.Tensor, sep_id: int, weights: LossWeights,
-                    hidden_layer: int | None, device: torch.device) -> torch.Tensor:
-    """Mean loss of the examples `rows` of `data` (all of whose tensors are on `device`)."""
+                    hidden_layer: int | None, device: torch.device,
+                    attn_targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss of the examples `rows` of `data` (all of whose tensors are on `device`);
+    `attn_targets` are `attention_targets` of all of `data` (needed when attn_weight > 0)."""
     predicted = compressor(data.context_hidden[rows], data.context_mask[rows])
     loss = regression_rows(predicted, data.e_star[rows])
-    if weights.kl_weight > 0 or weights.hidden_weight > 0:
+    want_attention = weights.attn_weight > 0
+    if weights.kl_weight > 0 or weights.hidden_weight > 0 or want_attention:
         prefixes = torch.cat([separator_rows(model, sep_id, len(rows)).to(predicted.dtype),
                               predicted], dim=1)
         follows = [data.follows[i] for i in rows.tolist()]
         want_hidden = weights.hidden_weight > 0
-        logits, mask, hidden = continuation_logits(
-            model, list(prefixes), follows, hidden_layer=hidden_layer if want_hidden else None)
+        layers = weights.attn_layers if want_attention else ()
+        with capture_attention(model, layers,
+                               want_attention and weights.attn_use_weights) as captured:
+            logits, mask, hidden = continuation_logits(
+                model, list(prefixes), follows,
+                hidden_layer=hidden_layer if want_hidden else None)
         if weights.kl_weight > 0:
             loss = loss + weights.kl_weight * topk_kl_rows(
                 logits, data.teacher_logp[rows], data.teacher_ids[rows], mask,
@@ -166,4 +311,18 @@ def compressor_loss(compressor: nn.Module, model: torch.nn.Module, data: EStarSe
             assert hidden is not None and data.teacher_hidden is not None
             loss = loss + weights.hidden_weight * hidden_loss_rows(
                 hidden, data.teacher_hidden[rows], mask, weights.hidden_loss_type)
+        if want_attention:
+            assert attn_targets is not None
+            width = mask.shape[1]
+            prefix_lengths = torch.full((len(rows),), prefixes.shape[1])
+            positions, _ = continuation_positions(prefix_lengths.tolist(),
+                                                  [len(f) for f in follows],
+                                                  prefixes.shape[1] + width, device)
+            student = attention_features(captured, prefix_lengths, positions,
+                                         weights.attn_use_weights)
+            teacher = attn_targets[rows][..., :width, :]
+            if weights.attn_use_weights:
+                teacher = teacher[..., :2 + width]
+            loss = loss + weights.attn_weight * attention_loss_rows(
+                student, teacher, mask, weights.attn_use_weights, weights.hidden_loss_type)
     return loss.mean()

@@ -74,6 +74,18 @@ def embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return table(ids.to(table.weight.device))
 
 
+def continuation_positions(prefix_lengths: Sequence[int], continuation_lengths: Sequence[int],
+                           total: int, device: torch.device | str = "cpu",
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """In right-padded rows `[prefix_i, continuation_i]` of `total` positions: the positions
+    [B, C] that predict each continuation token (the last prefix position predicts
+    continuation[0]; padding points at a real index) and their mask [B, C]."""
+    cont = torch.tensor(list(continuation_lengths), device=device)
+    offsets = torch.arange(int(cont.max()), device=device)[None]
+    starts = torch.tensor([n - 1 for n in prefix_lengths], device=device)[:, None]
+    return (starts + offsets).clamp_max(total - 1), offsets < cont[:, None]
+
+
 def _read(model: torch.nn.Module, prefixes: Sequence[torch.Tensor],
           continuations: Sequence[torch.Tensor], want_states: bool, compute_dtype: str,
           ) -> tuple[object, torch.Tensor, torch.Tensor]:
@@ -85,12 +97,9 @@ def _read(model: torch.nn.Module, prefixes: Sequence[torch.Tensor],
     lengths = torch.tensor([len(r) for r in rows], device=device)
     embeds = pad_sequence(rows, batch_first=True)
     attention = (torch.arange(embeds.shape[1], device=device)[None] < lengths[:, None]).long()
-    cont = torch.tensor([len(c) for c in continuations], device=device)
-    offsets = torch.arange(int(cont.max()), device=device)[None]
-    mask = offsets < cont[:, None]
-    # the last prefix position predicts continuation[0]; padding points at any real index
-    starts = torch.tensor([len(p) - 1 for p in prefixes], device=device)[:, None]
-    positions = (starts + offsets).clamp_max(embeds.shape[1] - 1)
+    positions, mask = continuation_positions([len(p) for p in prefixes],
+                                             [len(c) for c in continuations], embeds.shape[1],
+                                             device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
         out = decoder_of(model)(inputs_embeds=embeds, attention_mask=attention, use_cache=False,
                                 output_hidden_states=want_states)
