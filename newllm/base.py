@@ -237,9 +237,12 @@ def _generic_fast_tokenizer(source: _Source) -> bool:
             or not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+        settings = json.loads(config.read_text())
     except ValueError:
         return False
+    # remote code (auto_map) would make AutoTokenizer pick another class
+    return settings.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES \
+        and "auto_map" not in settings
 
 
 def load_tokenizer(model: str) -> tuple[Any, BaseInfo]:

@@ -460,6 +460,8 @@ CASES = [
     Case("capacity-bad-lengths", ("reconstruct-capacity", "--model", "{model}", "--lengths",
                                   "4,x", "--metrics", "c.json", "--plot", "c.csv"), None,
          ("reconstruct_capacity.lengths must be a comma-separated list of positive integers",)),
+    Case("compressor-name-dots", ("train-compressor", "--model", "{model}", "--name", ".."),
+         None, ("train_compressor.name must be a plain file name",)),
     # click's own checks on the command line (a value outside its choices, not a number, an
     # unknown option): one line too, naming the command and the option.
     Case("usage-bad-choice", ("train-compressor", "--model", "{model}", "--arch", "mlp"), None,

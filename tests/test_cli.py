@@ -205,7 +205,13 @@ def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
                 # a matrix/foreach value: it must be one of the stage's iteration keys, and
                 # the option still has a params.yaml entry (the default of a run by hand)
                 assert flag == key.replace("_", "-"), (name, flag, key)
-                assert key in (stage.get("matrix") or {}) or "foreach" in stage, (name, key)
+                if "foreach" in stage:  # every entry of the foreach dict has the key
+                    entries = params
+                    for part in re.fullmatch(r"\$\{([\w.]+)\}", stage["foreach"])[1].split("."):
+                        entries = entries[part]
+                    assert all(key in entry for entry in entries.values()), (name, key)
+                else:
+                    assert key in (stage.get("matrix") or {}), (name, key)
                 group = option_groups[flag]
             elif flag != key.replace("_", "-"):
                 # another stage's output as this stage's input (eval-ppl's --checkpoint)

@@ -275,6 +275,27 @@ def test_attention_match_is_zero_when_the_student_reads_the_text_itself(tiny, us
     assert all(p.grad is None for p in tiny.model.parameters())
 
 
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_attention_targets_do_not_depend_on_the_batching(tiny, use_weights):
+    from newllm.virtual_tokens.compressor import attention_targets
+
+    # follows of different lengths: a batch narrower than the widest is padded
+    texts = [ids_of(tiny, "Bread is made from flour"), ids_of(tiny, "Birds migrate south"),
+             ids_of(tiny, "The river flows")]
+    follows = [ids_of(tiny, ", water"), ids_of(tiny, " in autumn and spring"),
+               ids_of(tiny, " to the sea")]
+    assert len({len(f) for f in follows}) == 3
+    together = attention_targets(tiny.model, SEP, texts, follows, (0, 1), use_weights)
+    alone = attention_targets(tiny.model, SEP, texts, follows, (0, 1), use_weights,
+                              batch_size=1)
+    assert together.shape == alone.shape
+    assert torch.allclose(together, alone, atol=1e-5)
+    # a row's padding (positions past its follow, and with weights their bins) stays zero
+    short = len(follows[0])
+    assert together[0, :, ..., short:, :].abs().max() == 0
+    assert together[0].abs().sum() > 0
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -301,8 +322,9 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     # held-out pairs come from val documents only
     assert e_star.meta["extra"]["split"] == "val"
 
-    # eval-compressor's default runs: hyper, qattn (matching attention weights) and a
-    # named hyper run matching attention outputs (layers 0 and last)
+    # eval-compressor's default run names (hyper, qattn, hyper_attn), each trying another
+    # setting here: plain hyper; qattn matching attention weights; hyper_attn matching
+    # attention outputs (layers 0 and last)
     for run, arch, attn_weight, use_weights in (("hyper", "hyper", "0", "false"),
                                                 ("qattn", "qattn", "0.5", "true"),
                                                 ("hyper_attn", "hyper", "0.5", "false")):

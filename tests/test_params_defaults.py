@@ -60,3 +60,36 @@ def test_dataclass_defaults_equal_params_yaml(group):
             default = " ".join(str(default).split())
         assert default == value, f"{group}.{key}: dataclass default {default!r}, " \
                                  f"params.yaml {value!r}"
+
+
+# --- lists kept in more than one place must agree ------------------------------------------
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def test_compressor_runs_are_the_runs_eval_compressor_reads_and_depends_on():
+    runs = list(PARAMS["compressor_runs"])
+    assert PARAMS["eval_compressor"]["runs"].split(",") == runs
+    deps = [d for d in STAGES["eval-compressor"]["deps"] if "eval_compressor.compressors" in d]
+    assert [d.rsplit("/", 1)[1] for d in deps] == runs
+    for run in runs:
+        assert PARAMS["compressor_runs"][run]["arch"] in ("hyper", "qattn")
+
+
+def test_infini_ablations_are_named_by_their_settings_and_all_reported():
+    ablations = PARAMS["infini_runs"]["ablations"]
+    for name, item in ablations.items():
+        delta, alibi = (str(item[k]).lower() for k in ("use_delta_rule", "use_alibi"))
+        assert name == f"delta-{delta}_alibi-{alibi}"
+    assert PARAMS["infini_report"]["ablations"].split(",") == list(ablations)
+    # with train-lm@infini (train_lm's own delta / ALiBi settings) the grid is complete
+    main = (PARAMS["train_lm"]["use_delta_rule"], PARAMS["train_lm"]["use_alibi"])
+    cells = {(i["use_delta_rule"], i["use_alibi"]) for i in ablations.values()} | {main}
+    assert cells == {(d, a) for d in (False, True) for a in (False, True)}
+
+
+def test_the_base_is_split_as_the_trained_models_were_injected():
+    from newllm.stages.train_infini_adapter import INJECT_FRACTION
+
+    fraction = PARAMS["eval_reversal"]["inject_fraction"]
+    assert fraction == PARAMS["train_lm"]["reversal_inject_fraction"] == INJECT_FRACTION

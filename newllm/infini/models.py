@@ -197,11 +197,15 @@ class SegmentLM(nn.Module):
         """Log-probabilities [..., vocab_size] of every token of the tokenizer."""
         return torch.log_softmax(logits.float(), dim=-1)[..., self.to_class] + self.tail_logprob
 
-    def hidden(self, input_ids: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
+    def embed_segment(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] full ids (T <= max_length) -> embeddings [B, T, d]."""
         if input_ids.shape[1] > self.config.max_length:
             raise ValueError(f"a segment of {input_ids.shape[1]} tokens is longer than "
                              f"max_length {self.config.max_length}")
-        h = self.embed(self.to_class[input_ids])
+        return self.embed(self.to_class[input_ids])
+
+    def hidden(self, input_ids: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
+        h = self.embed_segment(input_ids)
         for block in self.blocks:
             h = block(h, update_memory=update_memory)
         return self.ln_f(h)
@@ -217,12 +221,8 @@ class SegmentLM(nn.Module):
         what the memory reads: the embedding and block 0's memory layer (the later blocks
         and the head cannot change it). Nothing to do for pythia, which has no memory."""
         memory = self.memory
-        if memory is None:
-            return
-        if input_ids.shape[1] > self.config.max_length:
-            raise ValueError(f"a segment of {input_ids.shape[1]} tokens is longer than "
-                             f"max_length {self.config.max_length}")
-        memory(self.blocks[0].ln1(self.embed(self.to_class[input_ids])), update_memory=True)
+        if memory is not None:
+            memory(self.blocks[0].ln1(self.embed_segment(input_ids)), update_memory=True)
 
     # --- memory API -------------------------------------------------------------------------
     def reset_memory(self) -> None:

@@ -39,7 +39,6 @@ from newllm.runtime import single_thread
 LOW_PPL, HIGH_PPL = 5.0, 1000.0  # the seed's diagnostic bands
 
 
-
 def training_stream(docs: list[torch.Tensor], facts: list[list[int]], separator_id: int,
                     max_tokens: int | None, rng: random.Random,
                     group: str = "train_lm") -> torch.Tensor:

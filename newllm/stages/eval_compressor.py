@@ -1,8 +1,8 @@
 """eval-compressor: held-out pairs (val documents only) read after no context, e*, the mean
 training e*, each compressor run's output and the full text.
 
-The mean training e* is the same k vectors for every pair (an untrained compressor emits
-about them): the control that tells what a compressor's vectors carry about their own text
+The mean training e* (per virtual-token slot) is the same k vectors for every pair: the
+control that tells what a compressor's vectors carry about their own text
 beyond what any text's vectors do. Metrics (flat JSON): per variant the mean KL to the
 teacher, top-1 / top-k agreement, NLL of the real follow tokens and greedy agreement length;
 per compressor the vector regression (MSE, cosine, relative norm error), the amortization gap

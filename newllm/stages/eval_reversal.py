@@ -6,8 +6,8 @@ Per pair: forward and backward sentence PPL, reversal ratio (forward/backward) a
 of the file, both directions (see `newllm.infini.reversal`). For a model that was shown pairs
 of the same file (train-lm's or train-infini-adapter's `reversal_facts`), the figures are also
 given for the injected pairs and for the never-injected control, as its checkpoint records
-them; for a model shown none (the base), `inject_fraction` gives the same two halves a
-training run with that fraction makes, as the untrained reference.
+them; for the base (no checkpoint), `inject_fraction` gives the same two halves a training
+run with that fraction makes, as the untrained reference.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ class EvalReversalParams:
                            "{child}, {parent}, {parent_type}, {inverse_type}; each ends with "
                            "its answer.")
     seed: int = param(0, "Seed of the distractor draw.", min=0)
-    inject_fraction: float | None = param(0.5, "For a model shown none of the pairs: also "
-                                          "report the injected / never-injected halves a "
-                                          "training run with this reversal_inject_fraction "
-                                          "makes (train-lm's default; null = no split). A "
-                                          "checkpoint's own record of its injected pairs "
-                                          "takes precedence.", min=0.0, max=1.0)
+    inject_fraction: float | None = param(0.5, "For the base (no checkpoint): also report "
+                                          "the injected / never-injected halves a training "
+                                          "run with this reversal_inject_fraction makes "
+                                          "(train-lm's default; null = no split). A "
+                                          "checkpoint reports the halves it recorded, if "
+                                          "any.", min=0.0, max=1.0)
     metrics: str = param("metrics/infini/eval_reversal.json", "Metrics JSON to write.")
 
     def check(self) -> None:
@@ -68,7 +68,8 @@ class EvalReversalParams:
 @stage_command("eval-reversal", BaseParams, EvalReversalParams,
                help="Reversal curse: forward vs backward PPL of child/parent facts, their "
                     "ratio and gap, and rank accuracy against distractor names in both "
-                    "directions; injected vs never-injected pairs for a train-lm model.")
+                    "directions; injected vs never-injected pairs for a trained model (as "
+                    "it recorded them) and for the base (the same halves).")
 def eval_reversal(base_params: BaseParams, params: EvalReversalParams) -> None:
     pairs = read_pairs(params.pairs, params.format, params.max_pairs)
     pool = read_pairs(params.pairs, params.format)  # distractors come from the whole file
@@ -86,7 +87,7 @@ def eval_reversal(base_params: BaseParams, params: EvalReversalParams) -> None:
         if shown.get("pairs_hash") == file_hash(params.pairs):
             injected = set(shown.get("injected", []))
             metrics["split"] = "checkpoint"
-    if injected is None and params.inject_fraction is not None:
+    if params.checkpoint is None and params.inject_fraction is not None:
         injected = {p.key for p in injected_split(pool, params.inject_fraction)[0]}
         metrics["split"] = f"inject_fraction {params.inject_fraction}"
     if injected is not None:

@@ -65,6 +65,12 @@ REVERSAL_KEYS = ("forward_ppl", "backward_ppl", "reversal_ratio", "forward_rank_
                  "backward_rank_accuracy")
 
 
+def reversal_figures(row: str, reversal: dict[str, Any]) -> dict[str, Any]:
+    """`row`'s injected / never-injected figures from an eval-reversal metrics file."""
+    return {f"{row}__{prefix}{k}": reversal[prefix + k] for prefix in ("injected_", "control_")
+            for k in REVERSAL_KEYS if prefix + k in reversal}
+
+
 def memory_figures(memory: dict[str, Any]) -> dict[str, Any]:
     after = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("ppl_after_"))
     fillers = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("passkey_after_"))
@@ -90,9 +96,7 @@ def adapter_figures(folder: Path) -> dict[str, Any]:
         out[f"{row}__segmented_val_ppl"] = run["val_ppl"]
         out[f"{row}__alpha"] = run["alpha"]
         out[f"{row}__train_tokens"] = run["train_tokens"]
-    out.update({f"adapter-parallel__{prefix}{k}": rev[prefix + k]
-                for prefix in ("injected_", "control_") for k in REVERSAL_KEYS
-                if prefix + k in rev})
+    out.update(reversal_figures("adapter-parallel", rev))
     out["adapter-replace__after_distill_val_ppl"] = replace["after_distill_val_ppl"]
     out["adapter-replace__segmented_val_ppl"] = replace["val_ppl"]
     out["adapter-replace__distill_error_held_out"] = replace["distill_error_held_out"]
@@ -111,8 +115,7 @@ def infini_report(params: InfiniReportParams) -> None:
     base_rev = read_json(folder / "eval_reversal.json")
     # the base was never shown the pairs: its figures on the halves the trained models were
     # (and were not) shown are their untrained reference
-    out.update({f"base__{prefix}{k}": base_rev[prefix + k] for prefix in ("injected_", "control_")
-                for k in REVERSAL_KEYS if prefix + k in base_rev})
+    out.update(reversal_figures("base", base_rev))
     for kind in names(params.kinds, "kinds"):
         train = read_json(folder / f"train_lm_{kind}.json")
         ppl = read_json(folder / f"eval_ppl_{kind}.json")
@@ -122,9 +125,7 @@ def infini_report(params: InfiniReportParams) -> None:
         out[f"{kind}__val_ppl"] = ppl["token_ppl"]
         out[f"{kind}__train_val_ppl"] = train["val_ppl"]
         out[f"{kind}__val_ppl_flag"] = train["val_ppl_flag"]
-        for prefix in ("injected_", "control_"):
-            out.update({f"{kind}__{prefix}{k}": rev[prefix + k] for k in REVERSAL_KEYS
-                        if prefix + k in rev})
+        out.update(reversal_figures(kind, rev))
         memory = read_json(folder / f"eval_memory_{kind}.json")
         out.update({f"{kind}__{k}": v for k, v in memory_figures(memory).items()})
     for run in names(params.ablations, "ablations"):

@@ -84,9 +84,10 @@ class TrainCompressorParams:
                            "<plots_dir>/<name>.csv.")
 
     def check(self) -> None:
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
+                                                       self.name):
             raise NewllmError(f"train_compressor.name must be a plain file name (letters, "
-                              f"digits, _ . -), got {self.name!r}.")
+                              f"digits, _ . -, not starting with a dot), got {self.name!r}.")
 
 
 @stage_command("train-compressor", BaseParams, TrainCompressorParams,

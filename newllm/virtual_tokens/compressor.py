@@ -155,6 +155,8 @@ class LossWeights:
         if self.hidden_loss_type not in HIDDEN_LOSSES:
             raise NewllmError(f"hidden_loss_type must be one of {', '.join(HIDDEN_LOSSES)}, "
                               f"got {self.hidden_loss_type!r}.")
+        if self.attn_weight > 0 and not self.attn_layers:
+            raise NewllmError("attn_weight > 0 needs at least one layer in attn_layers.")
 
 
 def regression_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,7 @@ def regression_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def resolve_decoder_layers(text: str, num_layers: int,
                            key: str = "train_compressor.attn_layers") -> list[int]:
     """Comma-separated decoder layer indices in [-L, L-1] (negative: from the last) as
-    indices in [0, L-1]; else NewllmError naming `key`."""
+    sorted distinct indices in [0, L-1]; else NewllmError naming `key`."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
@@ -180,15 +182,16 @@ def resolve_decoder_layers(text: str, num_layers: int,
             raise NewllmError(f"{key} must hold decoder layers in [{-num_layers}, "
                               f"{num_layers - 1}] for this {num_layers}-layer model, got "
                               f"{value}.")
-    return [value % num_layers for value in values]
+    return sorted({value % num_layers for value in values})
 
 
 @contextmanager
 def capture_attention(model: torch.nn.Module, layers: Sequence[int],
                       use_weights: bool) -> Iterator[list[torch.Tensor]]:
     """While inside, each forward of `model` appends to the yielded list, per decoder layer of
-    `layers` in order, its self-attention output [B, T, d] or, with `use_weights`, its
-    attention probabilities [B, H, T, T] (eager attention meanwhile)."""
+    `layers` in the order the forward reaches them, its self-attention output [B, T, d] or,
+    with `use_weights`, its attention probabilities [B, H, T, T] (eager attention
+    meanwhile). Hooks and attention implementation are restored on the way out."""
     captured: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -200,11 +203,12 @@ def capture_attention(model: torch.nn.Module, layers: Sequence[int],
         captured.append(value)
 
     decoder_layers = decoder_of(model).layers
-    handles = [decoder_layers[i].self_attn.register_forward_hook(hook) for i in layers]
+    handles = []
     previous = model.config._attn_implementation
-    if use_weights:
-        model.set_attn_implementation("eager")
     try:
+        handles += [decoder_layers[i].self_attn.register_forward_hook(hook) for i in layers]
+        if use_weights:
+            model.set_attn_implementation("eager")
         yield captured
     finally:
         for handle in handles:
@@ -274,9 +278,14 @@ def attention_targets(model: torch.nn.Module, sep_id: int, texts: Sequence[torch
             continuation_logits(model, prefixes, batch_follows)
         total = max(len(p) + len(f) for p, f in zip(prefixes, batch_follows, strict=True))
         lengths = [len(p) for p in prefixes]
-        positions, _ = continuation_positions(lengths, [len(f) for f in batch_follows], total,
-                                              prefixes[0].device)
+        positions, mask = continuation_positions(lengths, [len(f) for f in batch_follows],
+                                                 total, prefixes[0].device)
         features = attention_features(captured, torch.tensor(lengths), positions, use_weights)
+        # a row's positions past its own follow (they repeat a real one) are zeros, so the
+        # stored targets do not depend on which rows shared a batch
+        real = mask.to(features.dtype)
+        features = features * (real[:, None, None, :, None] if use_weights
+                               else real[:, None, :, None])
         pad = width - features.shape[-2]  # positions; with weights also that many bins
         features = F.pad(features, (0, pad if use_weights else 0, 0, pad))
         chunks.append(features)
