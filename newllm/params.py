@@ -47,6 +47,15 @@ def check_choices(group: str, values: tuple[tuple[str, Any, tuple[str, ...]], ..
                               f"{value!r}.")
 
 
+def comma_names(text: str, key: str) -> list[str]:
+    """`a,b,c` as its stripped names; a one-line error naming `key` (`group.key`) for an
+    empty name."""
+    parts = [p.strip() for p in text.split(",")]
+    if any(not p for p in parts):
+        raise NewllmError(f"{key} must be comma-separated names, got {text!r}.")
+    return parts
+
+
 def group_name(cls: type) -> str:
     """The params.yaml group of a params dataclass (its `group` class attribute)."""
     return cls.group  # type: ignore[attr-defined]

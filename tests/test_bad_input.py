@@ -460,6 +460,9 @@ CASES = [
     Case("capacity-bad-lengths", ("reconstruct-capacity", "--model", "{model}", "--lengths",
                                   "4,x", "--metrics", "c.json", "--plot", "c.csv"), None,
          ("reconstruct_capacity.lengths must be a comma-separated list of positive integers",)),
+    Case("eval-compressor-empty-run", ("eval-compressor", "--model", "{model}", "--runs",
+                                       "hyper,,qattn"), None,
+         ("eval_compressor.runs must be comma-separated names",)),
     Case("compressor-name-dots", ("train-compressor", "--model", "{model}", "--name", ".."),
          None, ("train_compressor.name must be a plain file name",)),
     # click's own checks on the command line (a value outside its choices, not a number, an

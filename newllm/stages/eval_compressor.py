@@ -24,7 +24,7 @@ from newllm.artifacts import write_csv, write_json, write_metrics
 from newllm.base import BaseParams
 from newllm.cli import stage_command
 from newllm.errors import NewllmError
-from newllm.params import param
+from newllm.params import comma_names, param
 from newllm.virtual_tokens.compressor import (
     COMPRESSOR_FILE,
     compressor_dir,
@@ -66,8 +66,8 @@ class EvalCompressorParams:
                     "agreement, NLL, greedy agreement length; vector regression and the "
                     "amortization gap of each compressor; nearest tokens of a few vectors.")
 def eval_compressor(base_params: BaseParams, params: EvalCompressorParams) -> None:
-    runs = [r.strip() for r in params.runs.split(",")]
-    if any(not r for r in runs) or len(set(runs)) < len(runs) or set(runs) & RESERVED:
+    runs = comma_names(params.runs, "eval_compressor.runs")
+    if len(set(runs)) < len(runs) or set(runs) & RESERVED:
         raise NewllmError(f"eval_compressor.runs must be comma-separated distinct run names "
                           f"(not {', '.join(sorted(RESERVED))}), got {params.runs!r}.")
     base = base_params.load()

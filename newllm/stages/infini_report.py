@@ -22,7 +22,7 @@ import click
 from newllm.artifacts import write_metrics
 from newllm.cli import stage_command
 from newllm.errors import NewllmError
-from newllm.params import param
+from newllm.params import comma_names, param
 
 
 @dataclass
@@ -52,13 +52,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise NewllmError(f"{path}: expected a JSON object of metrics.")
     return data
-
-
-def names(text: str, key: str) -> list[str]:
-    parts = [p.strip() for p in text.split(",")]
-    if not parts or any(not p for p in parts):
-        raise NewllmError(f"infini_report.{key} must be comma-separated names, got {text!r}.")
-    return parts
 
 
 REVERSAL_KEYS = ("forward_ppl", "backward_ppl", "reversal_ratio", "forward_rank_accuracy",
@@ -116,7 +109,7 @@ def infini_report(params: InfiniReportParams) -> None:
     # the base was never shown the pairs: its figures on the halves the trained models were
     # (and were not) shown are their untrained reference
     out.update(reversal_figures("base", base_rev))
-    for kind in names(params.kinds, "kinds"):
+    for kind in comma_names(params.kinds, "infini_report.kinds"):
         train = read_json(folder / f"train_lm_{kind}.json")
         ppl = read_json(folder / f"eval_ppl_{kind}.json")
         rev = read_json(folder / f"eval_reversal_{kind}.json")
@@ -128,7 +121,7 @@ def infini_report(params: InfiniReportParams) -> None:
         out.update(reversal_figures(kind, rev))
         memory = read_json(folder / f"eval_memory_{kind}.json")
         out.update({f"{kind}__{k}": v for k, v in memory_figures(memory).items()})
-    for run in names(params.ablations, "ablations"):
+    for run in comma_names(params.ablations, "infini_report.ablations"):
         train = read_json(folder / f"train_lm_infini_{run}.json")
         memory = read_json(folder / f"eval_memory_infini_{run}.json")
         row = f"infini_{run}"

@@ -50,6 +50,7 @@ from newllm.virtual_tokens.e_star import (
     gather_positions,
     hidden_loss_rows,
     masked_mean,
+    read_continuations,
     separator_rows,
     topk_kl_rows,
 )
@@ -274,13 +275,12 @@ def attention_targets(model: torch.nn.Module, sep_id: int, texts: Sequence[torch
         batch_follows = follows[start:start + batch_size]
         prefixes = [embed(model, torch.cat([torch.tensor([sep_id], device=t.device), t.long()]))
                     for t in batch_texts]
+        # the decoder pass alone: no LM head, whose logits nothing here reads
         with capture_attention(model, layers, use_weights) as captured:
-            continuation_logits(model, prefixes, batch_follows)
-        total = max(len(p) + len(f) for p, f in zip(prefixes, batch_follows, strict=True))
-        lengths = [len(p) for p in prefixes]
-        positions, mask = continuation_positions(lengths, [len(f) for f in batch_follows],
-                                                 total, prefixes[0].device)
-        features = attention_features(captured, torch.tensor(lengths), positions, use_weights)
+            _, positions, mask = read_continuations(model, prefixes, batch_follows, False,
+                                                    "float32")
+        lengths = torch.tensor([len(p) for p in prefixes])
+        features = attention_features(captured, lengths, positions, use_weights)
         # a row's positions past its own follow (they repeat a real one) are zeros, so the
         # stored targets do not depend on which rows shared a batch
         real = mask.to(features.dtype)

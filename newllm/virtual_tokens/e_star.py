@@ -86,9 +86,9 @@ def continuation_positions(prefix_lengths: Sequence[int], continuation_lengths: 
     return (starts + offsets).clamp_max(total - 1), offsets < cont[:, None]
 
 
-def _read(model: torch.nn.Module, prefixes: Sequence[torch.Tensor],
-          continuations: Sequence[torch.Tensor], want_states: bool, compute_dtype: str,
-          ) -> tuple[object, torch.Tensor, torch.Tensor]:
+def read_continuations(model: torch.nn.Module, prefixes: Sequence[torch.Tensor],
+                       continuations: Sequence[torch.Tensor], want_states: bool,
+                       compute_dtype: str) -> tuple[object, torch.Tensor, torch.Tensor]:
     """One right-padded pass of `[prefix_i, continuation_i]`: the decoder's output, the
     positions [B, C] that predict each continuation token and their mask [B, C]."""
     device = prefixes[0].device
@@ -123,8 +123,8 @@ def continuation_logits(model: torch.nn.Module, prefixes: Sequence[torch.Tensor]
 
     Rows are right-padded; the LM head runs only on the gathered positions.
     """
-    out, positions, mask = _read(model, prefixes, continuations, hidden_layer is not None,
-                                 compute_dtype)
+    out, positions, mask = read_continuations(model, prefixes, continuations,
+                                              hidden_layer is not None, compute_dtype)
     with torch.autocast(positions.device.type, dtype=torch.bfloat16,
                         enabled=compute_dtype == "bfloat16"):
         logits = model.get_output_embeddings()(
@@ -187,7 +187,7 @@ def teacher_outputs(model: torch.nn.Module, sep_id: int, texts: Sequence[torch.T
     num_layers = len(decoder_of(model).layers)
     prefixes = [embed(model, torch.cat([torch.tensor([sep_id]), t.long()])) for t in texts]
     want = hidden_layer is not None or context_layer is not None
-    out, positions, mask = _read(model, prefixes, follows, want, compute_dtype)
+    out, positions, mask = read_continuations(model, prefixes, follows, want, compute_dtype)
     with torch.autocast(positions.device.type, dtype=torch.bfloat16,
                         enabled=compute_dtype == "bfloat16"):
         logits = model.get_output_embeddings()(
