@@ -1,3 +1,3 @@
-from newllm.cli import main
+from newllm.core.cli import main
 
 main()

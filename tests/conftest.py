@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm.cli import main
+from newllm.core.cli import main
 
 SENTENCES = [
     "The river flows through the old city and reaches the sea after many miles.",
@@ -151,7 +151,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def real_assets() -> Path:
     """The embedded defaults, fetched once: data/assets if `dvc repro` made them, else a cache."""
-    from newllm.assets import ASSETS, fetch_asset
+    from newllm.foundation.assets import ASSETS, fetch_asset
 
     candidates = [Path(os.environ["NEWLLM_TEST_ASSETS"])] if "NEWLLM_TEST_ASSETS" in os.environ \
         else [REPO / "data" / "assets", Path.home() / ".cache" / "newllm" / "assets"]

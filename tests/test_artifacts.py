@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm.artifacts import atomic_dir, load_artifact, read_meta, save_artifact
-from newllm.errors import NewllmError
+from newllm.core.artifacts import atomic_dir, load_artifact, read_meta, save_artifact
+from newllm.core.errors import NewllmError
 
 BASE_A = {"model_id": "model-a", "weights_hash": "a" * 64, "tokenizer_hash": "t" * 64}
 BASE_B = {"model_id": "model-b", "weights_hash": "b" * 64, "tokenizer_hash": "u" * 64}
@@ -48,7 +48,7 @@ def test_same_inputs_give_byte_identical_files(tmp_path):
 
 
 def test_writer_failing_half_way_leaves_no_file(tmp_path, monkeypatch):
-    import newllm.artifacts as artifacts
+    import newllm.core.artifacts as artifacts
 
     path = tmp_path / "out.safetensors"
     original = artifacts.Path.write_bytes
@@ -166,7 +166,7 @@ def test_artifact_without_runtime_record_loads_silently(tmp_path, capsys):
     """Artifacts written before thread counts were recorded compare on versions only."""
     from safetensors.torch import save_file
 
-    from newllm.artifacts import library_versions
+    from newllm.core.artifacts import library_versions
 
     path = tmp_path / "old.safetensors"
     meta = {"kind": "pairs", "stage": "s", "params": {}, "base": None, "shapes": {},

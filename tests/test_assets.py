@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
-import newllm.stages.fetch_assets as fetch_stage
-from newllm.assets import ASSETS, fetch_asset, unpack
-from newllm.errors import NewllmError
+import newllm.foundation.stages.fetch_assets as fetch_stage
+from newllm.core.errors import NewllmError
+from newllm.foundation.assets import ASSETS, fetch_asset, unpack
 
 WIKI = next(a for a in ASSETS if a.name == "wiki")
 
@@ -86,7 +86,7 @@ def test_saved_model_folder_does_not_depend_on_the_transformers_version(tiny_mod
                                                                         monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from newllm.assets import save_hf_folder
+    from newllm.foundation.assets import save_hf_folder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -19,7 +19,7 @@ import torch
 from conftest import assert_one_line_error
 from safetensors.torch import save_file
 
-from newllm.cli import main
+from newllm.core.cli import main
 
 Setup = Callable[[Path, dict[str, Path]], None]
 
@@ -76,7 +76,7 @@ def copy_from_foreign(source: str, target: str) -> Setup:
 
 def foreign_e_star(cwd: Path, _env: dict[str, Path]) -> None:
     """An e* set recorded as made with another base model (weights and tokenizer)."""
-    from newllm.artifacts import save_artifact
+    from newllm.core.artifacts import save_artifact
 
     save_artifact(cwd / "es" / "train.safetensors", {"e_star": torch.zeros(1, 1, 32)},
                   kind="virtual-token-e-star", stage="build-e-star", params={},

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
-from newllm.base import load_base, state_dict_hash
-from newllm.errors import NewllmError
+from newllm.core.base import load_base, state_dict_hash
+from newllm.core.errors import NewllmError
 
 
 def _fake_hub_cache(root, repo_id, source):
@@ -77,7 +77,7 @@ def _copy_model(source, target):
 def test_weights_hash_is_cached_until_a_file_changes(tiny_model, tmp_path, monkeypatch):
     import os
 
-    import newllm.base as base_module
+    import newllm.core.base as base_module
 
     monkeypatch.setenv("NEWLLM_CACHE_DIR", str(tmp_path / "cache"))
     model = _copy_model(tiny_model, tmp_path / "model")
@@ -108,7 +108,7 @@ def test_weights_hash_is_cached_until_a_file_changes(tiny_model, tmp_path, monke
 
 
 def test_weights_hash_cache_location(tmp_path, monkeypatch):
-    from newllm.base import cache_dir
+    from newllm.core.base import cache_dir
 
     monkeypatch.delenv("NEWLLM_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -121,7 +121,7 @@ def test_weights_hash_cache_location(tmp_path, monkeypatch):
 
 
 def test_damaged_or_unwritable_cache_only_costs_a_rehash(tiny_model, tmp_path, monkeypatch):
-    from newllm.base import cached_hash_files, hash_files
+    from newllm.core.base import cached_hash_files, hash_files
 
     weights = [tiny_model / "model.safetensors"]
     cache = tmp_path / "cache"
@@ -147,7 +147,8 @@ def test_importing_newllm_sets_no_environment():
     import sys
 
     code = ("import os, sys; before = dict(os.environ); "
-            "import newllm.base, newllm.assets, newllm.artifacts, newllm.cli; "
+            "import newllm.core.base, newllm.foundation.assets, newllm.core.artifacts, "
+            "newllm.core.cli; "
             "print(dict(os.environ) == before, 'transformers' in sys.modules)")
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
@@ -180,7 +181,7 @@ def test_a_generic_fast_tokenizer_loads_directly_and_equals_autotokenizer(tiny_m
 
     from transformers import AutoTokenizer
 
-    from newllm.base import _generic_fast_tokenizer, _resolve, load_tokenizer, tokenizer_hash
+    from newllm.core.base import _generic_fast_tokenizer, _resolve, load_tokenizer, tokenizer_hash
 
     assert _generic_fast_tokenizer(_resolve(str(tiny_model)))
     direct, info = load_tokenizer(str(tiny_model))

@@ -41,7 +41,7 @@ from newllm.chameleon.scoring import (
     parse_tag,
     resamples,
 )
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -230,7 +230,7 @@ def test_edit_ratio_control_hits_its_target():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    from newllm.base import load_base
+    from newllm.core.base import load_base
 
     return load_base(str(tiny_model), device="cpu")
 
@@ -309,7 +309,7 @@ def test_targets_resolve_indices_and_paths(tiny):
 # --- frozen --------------------------------------------------------------------------------------
 
 def test_frozen_check_counts_and_catches_a_changed_weight(tiny_model):
-    from newllm.base import load_base
+    from newllm.core.base import load_base
 
     model = load_base(str(tiny_model), device="cpu").model
     model.train()

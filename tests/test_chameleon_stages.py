@@ -11,8 +11,8 @@ import pytest
 from chameleon_helpers import make_mini_movielens
 from conftest import assert_one_line_error
 
-from newllm.artifacts import read_meta
 from newllm.chameleon.export import read_control_vector
+from newllm.core.artifacts import read_meta
 
 DATA = ("--num-direction-users", "4", "--num-eval-users", "6", "--max-profile-items", "5",
         "--min-profile-items", "3")

@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import REPO, assert_one_line_error, make_corpus_texts
 
-from newllm.cli import _register, cli
-from newllm.data import Document, load_split, tokenize_documents
+from newllm.core.cli import _register, cli
+from newllm.core.data import Document, load_split, tokenize_documents
 
 
 def _prepare(run_cli, tiny_model, corpus, out, *extra):

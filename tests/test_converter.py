@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 from newllm.virtual_tokens.converter import (
     Converter,
     ConverterConfig,

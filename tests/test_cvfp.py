@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from newllm.core.errors import NewllmError
+from newllm.core.train import TrainConfig
 from newllm.cvfp.cache import load_cache, write_cache
 from newllm.cvfp.model import CVFPLM, ContextBlock, ContextLayer, CVFPConfig
 from newllm.cvfp.phase1 import (
@@ -27,8 +29,6 @@ from newllm.cvfp.recurrence import (
     sequential_scan,
     stream_contexts,
 )
-from newllm.errors import NewllmError
-from newllm.train import TrainConfig
 
 VOCAB, EMBED = 50, 12
 

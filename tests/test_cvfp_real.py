@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from newllm.base import load_base
+from newllm.core.base import load_base
+from newllm.core.train import TrainConfig
 from newllm.cvfp.model import CVFPLM, CVFPConfig
 from newllm.cvfp.phase1 import Phase1Config, train_context_blocks
 from newllm.cvfp.phase2 import evaluate, train_token_block
 from newllm.cvfp.recurrence import naive_contexts, stream_contexts
-from newllm.train import TrainConfig
 
 pytestmark = pytest.mark.real_model
 

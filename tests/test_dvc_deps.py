@@ -72,7 +72,7 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def test_the_walk_finds_indirect_and_function_level_imports():
-    closure = {p.relative_to(REPO).as_posix() for p in import_closure("newllm.stages.eval_ppl")}
+    closure = {p.relative_to(REPO).as_posix() for p in import_closure("newllm.evaluation.stages.eval_ppl")}
     # eval_ppl -> ppl -> data (word counts) -> artifacts; base is imported by the stage
     assert {"newllm/stages/eval_ppl.py", "newllm/ppl.py", "newllm/data.py",
             "newllm/artifacts.py", "newllm/base.py", "newllm/__init__.py"} <= closure

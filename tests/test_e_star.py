@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error
 
-from newllm.base import load_base
+from newllm.core.base import load_base
 from newllm.virtual_tokens.e_star import (
     EStarConfig,
     first_mismatch,
@@ -312,7 +312,7 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     build = read_json(tmp_path / "metrics/e_star/build.json")
     assert build["train_pairs"] == 6 and build["val_pairs"] == 3
     assert build["val_final_kl"] < 0.5 * build["val_no_context_kl"]
-    from newllm.artifacts import load_artifact
+    from newllm.core.artifacts import load_artifact
 
     e_star = load_artifact(tmp_path / "artifacts/e_star/val.safetensors",
                            kind="virtual-token-e-star")
@@ -405,7 +405,7 @@ def test_bench_e_star_matches_one_at_a_time(run_cli, tiny_model, prepared_tiny, 
 @pytest.mark.real_model
 def test_real_default_base_e_star_beats_no_context(real_assets):
     base = load_base(str(real_assets / "smollm2-135m"), device="cpu")
-    from newllm.tokens import separator_token_id
+    from newllm.core.tokens import separator_token_id
 
     sep = separator_token_id(base.tokenizer)
     docs = [("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from newllm.base import load_base
-from newllm.errors import NewllmError
-from newllm.hidden import hidden_states_at, resolve_layer_index
+from newllm.core.base import load_base
+from newllm.core.errors import NewllmError
+from newllm.core.hidden import hidden_states_at, resolve_layer_index
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
-from newllm.artifacts import load_artifact
-from newllm.base import load_base
+from newllm.core.artifacts import load_artifact
+from newllm.core.base import load_base
 from newllm.virtual_tokens.converter import Converter, ConverterConfig, load_converter
 from newllm.virtual_tokens.pairs import PAIRS_KIND, load_pairs
 from newllm.virtual_tokens.recursive import embed_ids, left_pad, pool_hidden

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 from newllm.infini.memory import (
     MemoryAttention,
     MemoryConfig,
@@ -222,7 +222,7 @@ def test_loading_memory_into_another_shape_is_a_clear_error(tmp_path):
     with pytest.raises(NewllmError, match="'memories' has shape"):
         a.set_memory_state(wrong)
     with pytest.raises(NewllmError, match="is a 'infini-memory-state' artifact, expected"):
-        from newllm.artifacts import load_artifact
+        from newllm.core.artifacts import load_artifact
         load_artifact(tmp_path / "m.safetensors", kind="infini-lm")
     multi = create_model("multi_memory", **TINY)
     with pytest.raises(NewllmError, match="kind=infini"):

@@ -8,7 +8,7 @@ import json
 import torch
 from conftest import assert_one_line_error
 
-from newllm.base import load_base
+from newllm.core.base import load_base
 from newllm.infini.adapter import (
     InfiniLayer,
     attach_parallel,
@@ -49,9 +49,9 @@ def test_parallel_adapter_with_alpha_zero_gives_the_base_logits_exactly(tiny_mod
 
 
 def test_distillation_reproduces_layer0_on_held_out_text(tiny_model, prepared_tiny):
-    from newllm.data import load_split
+    from newllm.core.data import load_split
+    from newllm.core.ppl import build_stream
     from newllm.infini.training import make_sequences
-    from newllm.ppl import build_stream
 
     base = load_base(str(tiny_model), device="cpu").model
     streams = {split: build_stream(load_split(prepared_tiny, split).documents()[0], 0)[0]
@@ -125,7 +125,7 @@ def _trained_logits(model, ids, segment_length):
 def test_the_artifact_rebuilds_the_trained_model(run_cli, tiny_model, prepared_tiny, tmp_path):
     """Whole model (full fine-tuning, replace) or adapter and α only (frozen base): loading the
     artifact onto a fresh base gives the logits the stage's own trained model gives."""
-    from newllm.artifacts import read_meta
+    from newllm.core.artifacts import read_meta
     from newllm.infini.adapter import load_adapted
     from newllm.infini.training import single_thread
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from newllm.cli import _register, cli
-from newllm.params import field_specs, group_name
+from newllm.core.cli import _register, cli
+from newllm.core.params import field_specs, group_name
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -89,7 +89,7 @@ def test_infini_ablations_are_named_by_their_settings_and_all_reported():
 
 
 def test_the_base_is_split_as_the_trained_models_were_injected():
-    from newllm.stages.train_infini_adapter import INJECT_FRACTION
+    from newllm.infini.stages.train_infini_adapter import INJECT_FRACTION
 
     fraction = PARAMS["eval_reversal"]["inject_fraction"]
     assert fraction == PARAMS["train_lm"]["reversal_inject_fraction"] == INJECT_FRACTION

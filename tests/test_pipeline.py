@@ -21,8 +21,8 @@ from chameleon_helpers import make_mini_movielens
 from conftest import REPO
 from test_report import PNG_MAGIC, assert_printed, row_key
 
-from newllm.headlines import HEADLINES
-from newllm.report import load_pipeline, metrics_files, producing_stage
+from newllm.core.headlines import HEADLINES
+from newllm.core.report import load_pipeline, metrics_files, producing_stage
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None,
                                 reason="git is not installed; the DVC round trip needs a git repo")

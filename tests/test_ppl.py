@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from newllm.base import load_base
-from newllm.data import count_bytes, count_words
-from newllm.ppl import (
+from newllm.core.base import load_base
+from newllm.core.data import count_bytes, count_words
+from newllm.core.ppl import (
     HFScorer,
     build_stream,
     evaluate_ppl,
@@ -121,7 +121,7 @@ def test_stride_changes_result_but_context_limits_it(tiny):
 
 
 def test_non_finite_logits_stop_with_a_clear_error(tiny):
-    from newllm.errors import NewllmError
+    from newllm.core.errors import NewllmError
 
     _, scorer, docs, sep = tiny
 
@@ -188,7 +188,7 @@ def test_separate_does_not_depend_on_document_order_but_stream_does(tiny):
 ])
 def test_window_batches_bound_logits_and_cover_every_window(lengths, context, stride,
                                                             batch_size):
-    from newllm.ppl import Window, window_batches
+    from newllm.core.ppl import Window, window_batches
 
     windows = [Window(i, b, e, n) for i, n_tokens in enumerate(lengths)
                for b, e, n in window_spans(n_tokens, context, stride)]
@@ -208,7 +208,7 @@ def test_window_batches_bound_logits_and_cover_every_window(lengths, context, st
 
 
 def test_context_longer_than_the_model_reads_is_a_clear_error(tiny):
-    from newllm.errors import NewllmError
+    from newllm.core.errors import NewllmError
 
     _, scorer, docs, sep = tiny
     assert scorer.max_length == 512
@@ -226,8 +226,8 @@ class FakeTokenizer:
 
 
 def test_separator_prefers_the_document_boundary_over_chat_markers():
-    from newllm.errors import NewllmError
-    from newllm.tokens import separator_token_id
+    from newllm.core.errors import NewllmError
+    from newllm.core.tokens import separator_token_id
 
     chat = FakeTokenizer({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3},
                          bos=1, eos=2)  # SmolLM2-Instruct's layout
@@ -242,7 +242,7 @@ def test_separator_prefers_the_document_boundary_over_chat_markers():
 
 
 def test_hf_fast_path_equals_the_plain_logits_path(tiny):
-    from newllm.ppl import nll_from_logits
+    from newllm.core.ppl import nll_from_logits
 
     _, scorer, _, _ = tiny
     generator = torch.Generator().manual_seed(0)

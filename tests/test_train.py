@@ -1,4 +1,4 @@
-"""The shared training loop (newllm.train): float32 reproduces the converter's former plain
+"""The shared training loop (newllm.core.train): float32 reproduces the converter's former plain
 loop exactly, bfloat16 trains with float32 weights, errors name the key, seeds repeat, and
 several processes split every batch."""
 
@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from newllm.errors import NewllmError
-from newllm.train import Epoch, TrainConfig, Trainer, shard, write_history_csv
+from newllm.core.errors import NewllmError
+from newllm.core.train import Epoch, TrainConfig, Trainer, shard, write_history_csv
 from newllm.virtual_tokens.converter import Converter, ConverterConfig
 from newllm.virtual_tokens.fit import fit_converter, mse, split_by_token
 
 
 def previous_fit_converter(converter, x_train, y_train, x_val, y_val, *, epochs, batch_size,
                            lr, generator):
-    """The converter's plain loop before newllm.train (git 4a5346a), as the reference."""
+    """The converter's plain loop before newllm.core.train (git 4a5346a), as the reference."""
     converter.init_from_data(x_train, y_train)
     optimizer = torch.optim.Adam(converter.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x_train) / batch_size)

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 
 # The 15 tags of LaMP-2 (movie tagging), used when a question's input does not list them.
 LAMP2_TAGS = ("sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from newllm.artifacts import Artifact, load_artifact
 from newllm.chameleon import DIRECTIONS_KIND
-from newllm.errors import NewllmError
+from newllm.core.artifacts import Artifact, load_artifact
+from newllm.core.errors import NewllmError
 
 THETA_N_METHODS = ("diff_svd", "diff_mean")
 SCOPES = ("global", "per_user")

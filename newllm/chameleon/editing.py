@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from newllm.errors import NewllmError
-from newllm.hidden import decoder_of
+from newllm.core.errors import NewllmError
+from newllm.core.hidden import decoder_of
 
 _LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from newllm.artifacts import atomic_path
-from newllm.errors import NewllmError
+from newllm.core.artifacts import atomic_path
+from newllm.core.errors import NewllmError
 
 ARCH = "controlvector"
 

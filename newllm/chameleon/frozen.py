@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from newllm.base import state_dict_hash
-from newllm.errors import NewllmError
+from newllm.core.base import state_dict_hash
+from newllm.core.errors import NewllmError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from newllm.chameleon.editing import capture_outputs
-from newllm.runtime import progress
+from newllm.core.runtime import progress
 
 POOLINGS = ("mean", "last")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from newllm.chameleon.data import Split, Task, load_task, split_users
-from newllm.params import param
+from newllm.core.params import param
 
 
 @dataclass

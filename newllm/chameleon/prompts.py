@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from newllm.chameleon.data import Question
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 
 # The seed's openings. dvc.yaml passes a template on one line in single quotes, so a line
 # break is written `\n` (two characters) and there is no ASCII single quote (hence the

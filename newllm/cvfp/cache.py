@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from newllm.artifacts import load_artifact, save_artifact, write_json
+from newllm.core.artifacts import load_artifact, save_artifact, write_json
+from newllm.core.errors import NewllmError
 from newllm.cvfp.model import CVFPLM
 from newllm.cvfp.recurrence import chunked_contexts, compile_cpu_kernel, uses_cpu_kernel
-from newllm.errors import NewllmError
 
 CACHE_KIND = "cvfp-context-cache"
 INDEX_FILE = "index.json"

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from newllm.artifacts import load_artifact, save_artifact
-from newllm.base import state_dict_hash
+from newllm.core.artifacts import load_artifact, save_artifact
+from newllm.core.base import state_dict_hash
+from newllm.core.data import load_split
+from newllm.core.errors import NewllmError
+from newllm.core.ppl import build_stream
 from newllm.cvfp.model import CVFPLM, CVFPConfig
-from newllm.data import load_split
-from newllm.errors import NewllmError
-from newllm.ppl import build_stream
 
 BLOCKS_KIND = "cvfp-context-blocks"
 LM_KIND = "cvfp-lm"

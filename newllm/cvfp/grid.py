@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from newllm.core.train import TrainConfig
 from newllm.cvfp.model import CVFPLM, CVFPConfig
 from newllm.cvfp.phase1 import Phase1Config, train_context_blocks
 from newllm.cvfp.phase2 import train_token_block
 from newllm.cvfp.recurrence import stream_contexts
-from newllm.train import TrainConfig
 
 
 @dataclass(frozen=True)

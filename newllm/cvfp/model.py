@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 
 HEADS = ("tied_frozen", "trainable")
 CONTEXT_NORMS = ("layernorm", "none")

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from newllm.core.errors import NewllmError
+from newllm.core.params import check_choices
+from newllm.core.runtime import progress
 from newllm.cvfp.model import CVFPLM, ContextBlock
 from newllm.cvfp.recurrence import block_contexts
-from newllm.errors import NewllmError
-from newllm.params import check_choices
-from newllm.runtime import progress
 
 INITS = ("sequential", "noise")
 DIVERSITIES = ("oacd", "dispersion")

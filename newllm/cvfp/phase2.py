@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from newllm.base import state_dict_hash
+from newllm.core.base import state_dict_hash
+from newllm.core.errors import NewllmError
+from newllm.core.train import Epoch, TrainConfig, Trainer
 from newllm.cvfp.model import CVFPLM
-from newllm.errors import NewllmError
-from newllm.train import Epoch, TrainConfig, Trainer
 
 EVAL_BATCH = 1024  # positions per evaluation step: 1024 x 49k float32 logits is 200 MB
 

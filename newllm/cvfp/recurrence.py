@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from newllm.core.runtime import progress, single_thread
 from newllm.cvfp.model import CVFPLM, ContextBlock
-from newllm.runtime import progress, single_thread
 
 METHODS = ("sequential", "picard")
 PICARD_WINDOW = 256  # positions solved together; at most this many sweeps per window

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from newllm.base import BaseInfo
+from newllm.core.base import BaseInfo
+from newllm.core.errors import NewllmError
+from newllm.core.tokens import separator_token_id
 from newllm.cvfp.checkpoint import load_lm
 from newllm.cvfp.model import CVFPLM
 from newllm.cvfp.phase2 import EVAL_BATCH, layer_inputs
 from newllm.cvfp.recurrence import stream_contexts
-from newllm.errors import NewllmError
-from newllm.tokens import separator_token_id
 
 CHUNK_TOKENS = 8192
 

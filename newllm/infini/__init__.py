@@ -3,7 +3,7 @@
 The line's models (`create_model`: pythia, infini, multi_memory, hierarchical), their
 memory state (get/set, save/load as safetensors), training on segments, the memory probes
 (compressions curve, passkey) and eval-reversal's library live here; the stages
-(`train-lm`, `eval-reversal`, the eval-ppl kinds) are thin shells in `newllm/stages/`.
+(`train-lm`, `eval-reversal`, the eval-ppl kinds) are thin shells in `stages/`.
 """
 
 MODEL_KINDS = ("pythia", "infini", "multi_memory", "hierarchical")

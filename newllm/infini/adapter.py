@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from newllm.artifacts import load_artifact
-from newllm.base import BaseInfo
-from newllm.errors import NewllmError
+from newllm.core.artifacts import load_artifact
+from newllm.core.base import BaseInfo
+from newllm.core.errors import NewllmError
 from newllm.infini.memory import MemoryAttention, MemoryConfig
 
 ADAPTER_KIND = "infini-adapter"
@@ -359,7 +359,7 @@ class AdapterScorer:
 def load_adapter_scorer(base_params: Any, checkpoint: str | None) -> AdapterScorer:
     """base.model with a train-infini-adapter artifact (model kind `infini-lm` dispatches here
     on the artifact's kind)."""
-    from newllm.tokens import separator_token_id
+    from newllm.core.tokens import separator_token_id
 
     base = base_params.load()
     meta = load_adapted(base.model, checkpoint, base.info.as_dict())

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from newllm.artifacts import load_artifact, save_artifact
-from newllm.errors import NewllmError
+from newllm.core.artifacts import load_artifact, save_artifact
+from newllm.core.errors import NewllmError
 from newllm.infini import MODEL_KINDS
 from newllm.infini.memory import MemoryAttention, MemoryConfig
 

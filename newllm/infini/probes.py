@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from newllm.errors import NewllmError
+from newllm.core.errors import NewllmError
 from newllm.infini.models import SegmentLM
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and "

@@ -16,7 +16,7 @@ the tokenizer's whole vocabulary and comparable with the base's.
 `SegmentScorer` is eval-ppl's scorer of these models (model kind `infini-lm`): a recurrent
 kind whose `stream_nll` reads a stream in consecutive segments of `segment_length`,
 carrying the memory, exactly as training reads it; train-lm's per-epoch val PPL goes
-through `newllm.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
+through `newllm.core.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from newllm.artifacts import load_artifact, read_meta, save_artifact
-from newllm.base import BaseInfo
-from newllm.errors import NewllmError
+from newllm.core.artifacts import load_artifact, read_meta, save_artifact
+from newllm.core.base import BaseInfo
+from newllm.core.errors import NewllmError
+from newllm.core.ppl import build_stream
+from newllm.core.runtime import single_thread
 from newllm.infini.models import LM_KIND, LMConfig, SegmentLM
-from newllm.ppl import build_stream
-from newllm.runtime import single_thread
 
 LOW_PPL, HIGH_PPL = 5.0, 1000.0  # the seed's diagnostic bands
 
@@ -175,9 +175,9 @@ def load_lm(path: str | Path, base: dict[str, Any] | None = None,
 def load_infini_scorer(base_params: Any, checkpoint: str | None) -> Any:
     """eval-ppl's `infini-lm` kind: a train-lm model read with base.model's tokenizer, or
     base.model with a train-infini-adapter artifact (`AdapterScorer`)."""
-    from newllm.base import load_tokenizer
-    from newllm.runtime import resolve_device
-    from newllm.tokens import separator_token_id
+    from newllm.core.base import load_tokenizer
+    from newllm.core.runtime import resolve_device
+    from newllm.core.tokens import separator_token_id
 
     if checkpoint is None:
         raise NewllmError("model kind infini-lm needs a checkpoint: a train-lm model "

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from newllm.artifacts import Artifact, load_artifact, save_artifact
-from newllm.errors import NewllmError
-from newllm.hidden import decoder_of
+from newllm.core.artifacts import Artifact, load_artifact, save_artifact
+from newllm.core.errors import NewllmError
+from newllm.core.hidden import decoder_of
 from newllm.virtual_tokens.e_star import (
     HIDDEN_LOSSES,
     EStarSet,

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from newllm.artifacts import Artifact, load_artifact, save_artifact
-from newllm.errors import NewllmError
+from newllm.core.artifacts import Artifact, load_artifact, save_artifact
+from newllm.core.errors import NewllmError
 from newllm.virtual_tokens import run_name
 
 CONVERTER_KIND = "hidden-to-embedding-converter"

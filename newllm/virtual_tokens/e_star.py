@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from newllm.errors import NewllmError
-from newllm.hidden import decoder_of, resolve_layer_index
-from newllm.runtime import progress
+from newllm.core.errors import NewllmError
+from newllm.core.hidden import decoder_of, resolve_layer_index
+from newllm.core.runtime import progress
 
 OBJECTIVES = ("continue", "reconstruct")
 INITS = ("mean_embedding", "text_embeddings")
@@ -502,7 +502,7 @@ class EStarSet:
 def load_e_star(path: str | Path, base: dict) -> EStarSet:
     """Read an e* artifact made from `base` (kind and weights hash checked) by the continue
     objective."""
-    from newllm.artifacts import load_artifact
+    from newllm.core.artifacts import load_artifact
 
     artifact = load_artifact(path, kind=E_STAR_KIND, base=base)
     extra = artifact.meta["extra"]

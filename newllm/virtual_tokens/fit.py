@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from newllm.errors import NewllmError
-from newllm.train import Epoch, TrainConfig, Trainer
+from newllm.core.errors import NewllmError
+from newllm.core.train import Epoch, TrainConfig, Trainer
 from newllm.virtual_tokens.converter import Converter
 
 

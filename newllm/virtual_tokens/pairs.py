@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from newllm.artifacts import Artifact, load_artifact
-from newllm.errors import NewllmError
-from newllm.hidden import hidden_states_at
-from newllm.runtime import progress
+from newllm.core.artifacts import Artifact, load_artifact
+from newllm.core.errors import NewllmError
+from newllm.core.hidden import hidden_states_at
+from newllm.core.runtime import progress
 from newllm.virtual_tokens import run_name
 
 PAIRS_KIND = "hidden-embedding-pairs"

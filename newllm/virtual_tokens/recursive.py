@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from newllm.hidden import hidden_states_at
+from newllm.core.hidden import hidden_states_at
 
 POOLS = ("mean", "last")
 

@@ -1,0 +1,1 @@
+"""The chameleon line's stage shells: one module per `newllm <command>`."""

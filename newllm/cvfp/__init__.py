@@ -1,0 +1,1 @@
+"""CVFP: the context-vector fixed-point recurrent LM (seeds/001, seeds/003)."""

@@ -1,0 +1,1 @@
+"""The cvfp line's stage shells: one module per `newllm <command>`."""

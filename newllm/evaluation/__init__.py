@@ -1,0 +1,1 @@
+"""Evaluation: sliding-window perplexity of any scorer kind, and the reversal curse."""

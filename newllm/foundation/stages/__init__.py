@@ -1,0 +1,1 @@
+"""The foundation line's stage shells: one module per `newllm <command>`."""

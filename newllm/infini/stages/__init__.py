@@ -1,0 +1,1 @@
+"""The infini line's stage shells: one module per `newllm <command>`."""

@@ -1,0 +1,88 @@
+"""eval-memory: a train-lm model's memory-compressions curve and passkey accuracy.
+
+See `newllm.infini.probes`: PPL of fixed late val segments after 0, 1, 2, 4, ... segments
+were compressed into memory, and passkey retrieval accuracy after n filler segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from newllm.core.artifacts import write_csv, write_metrics
+from newllm.core.base import BaseParams, load_tokenizer
+from newllm.core.cli import stage_command
+from newllm.core.data import SPLITS, load_split
+from newllm.core.errors import NewllmError
+from newllm.core.params import param
+from newllm.core.ppl import build_stream
+from newllm.core.runtime import single_thread
+from newllm.infini.probes import compressions_curve, passkey_accuracy
+from newllm.infini.training import load_lm
+
+
+@dataclass
+class EvalMemoryParams:
+    group = "eval_memory"
+    checkpoint: str = param("artifacts/infini/infini/model.safetensors",
+                            "train-lm model artifact.")
+    data: str = param("data/prepared", "Prepared data folder.")
+    split: str = param("val", "Split whose stream gives the target segments.", choices=SPLITS)
+    max_compressions: int = param(64, "Largest number of segments compressed before a "
+                                  "target (n = 0, 1, 2, 4, ... up to it).", min=1)
+    targets: int = param(32, "Target segments averaged at each n.", min=1)
+    passkey_fillers: str = param("0,1,2,4,8", "Comma-separated numbers of filler segments "
+                                 "between the key and the question.")
+    passkey_trials: int = param(20, "Passkey trials per n.", min=1)
+    passkey_candidates: int = param(5, "Keys ranked per trial (the true one included).",
+                                    min=2)
+    seed: int = param(0, "Seed of the keys.", min=0)
+    metrics: str = param("metrics/infini/eval_memory.json", "Metrics JSON to write.")
+    plot: str = param("plots/infini/compressions.csv", "Compressions curve (CSV: "
+                      "compressions, ppl).")
+
+
+    def fillers(self) -> list[int]:
+        try:
+            values = [int(v) for v in self.passkey_fillers.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < 0:
+            raise NewllmError(f"eval_memory.passkey_fillers must be comma-separated integers "
+                              f">= 0, got {self.passkey_fillers!r}.")
+        return values
+
+    def check(self) -> None:
+        self.fillers()
+
+
+@stage_command("eval-memory", BaseParams, EvalMemoryParams,
+               help="Memory probes of a train-lm model: PPL of fixed late segments vs the "
+                    "number of segments compressed into memory before them, and passkey "
+                    "retrieval accuracy vs the number of filler segments.")
+def eval_memory(base_params: BaseParams, params: EvalMemoryParams) -> None:
+    tokenizer, info = load_tokenizer(base_params.model)
+    model, meta = load_lm(params.checkpoint, base=info.tokenizer_only())
+    segment_length = meta["extra"]["segment_length"]
+    separator_id = meta["extra"]["separator_id"]
+    docs, _ = load_split(params.data, params.split, base=info.tokenizer_only()).documents()
+    stream, _ = build_stream(docs, separator_id)
+    with single_thread():
+        curve = compressions_curve(model, stream, segment_length, params.max_compressions,
+                                   params.targets)
+        passkey = passkey_accuracy(model, tokenizer, separator_id, segment_length,
+                                   params.fillers(), params.passkey_trials,
+                                   params.passkey_candidates, params.seed)
+    write_csv(params.plot, ["compressions", "ppl"], [[n, f"{p:.6g}"] for n, p in curve])
+    write_metrics(params.metrics, {
+        "kind": model.config.kind, "use_delta_rule": model.config.use_delta_rule,
+        "use_alibi": model.config.use_alibi, "segment_length": segment_length,
+        "targets": params.targets, "passkey_chance": 1 / params.passkey_candidates,
+        **{f"ppl_after_{n}": p for n, p in curve},
+        **{f"passkey_after_{n}": a for n, a in passkey},
+    })
+    click.echo(f"eval-memory {model.config.kind}: PPL by compressions "
+               + ", ".join(f"{n}: {p:.1f}" for n, p in curve) + "; passkey accuracy "
+               + ", ".join(f"{n}: {a:.2f}" for n, a in passkey)
+               + f" (chance {1 / params.passkey_candidates:.2f})")
