@@ -46,6 +46,14 @@ def write(relative: str, content: str | bytes) -> Setup:
     return setup
 
 
+def writes(*files: tuple[str, str]) -> Setup:
+    """Several files, as `write` writes one."""
+    def setup(cwd: Path, env: dict[str, Path]) -> None:
+        for relative, content in files:
+            write(relative, content)(cwd, env)
+    return setup
+
+
 def prepared(mutate: Callable[[Path], None] | None = None) -> Setup:
     """A copy of the tiny prepared data in `prepared/`, then `mutate(prepared)`."""
     def setup(cwd: Path, env: dict[str, Path]) -> None:
@@ -161,8 +169,8 @@ EXTRACT = ("extract-pairs", "--model", "{model}", "--max-tokens", "20", "--out-d
            "--metrics-dir", "pm")
 TRAIN = ("train-converter", "--model", "{model}", "--pairs-dir", "pairs", "--epochs", "1",
          "--out-dir", "conv", "--metrics-dir", "cm", "--plots-dir", "cp")
-REPORT = ("converter-report", "--converters", "cm", "--layers", "1,2", "--model-types",
-          "linear,mlp", "--metrics", "report.json", "--plot", "by_layer.csv")
+REPORT = ("converter-report", "--converters", "cm", "--layers", "[1, 2]", "--model-types",
+          "[linear, mlp]", "--metrics", "report.json", "--plot", "by_layer.csv")
 DEMO = ("demo-recursive", "--model", "{model}", "--converter", "conv.safetensors",
         "--max-new-tokens", "2")
 TRAIN_LM = ("train-lm", "--model", "{model}", "--data", "prepared", "--d-model", "8",
@@ -301,10 +309,10 @@ CASES = [
          copy_from_foreign("pairs/layer2/pairs.safetensors", "prepared/val.safetensors"),
          ("is a 'hidden-embedding-pairs' artifact, expected 'prepared-split'",)),
     # extract-pairs
-    Case("extract-layer-out-of-range", (*EXTRACT, "--layer-index", "3"), None,
-         ("extract_pairs.layer_index", "[-3, 2]")),
-    Case("extract-layer-out-of-range-negative", (*EXTRACT, "--layer-index", "-4"), None,
-         ("extract_pairs.layer_index", "[-3, 2]")),
+    Case("extract-layer-out-of-range", (*EXTRACT, "--hidden-index", "3"), None,
+         ("extract_pairs.hidden_index", "[-3, 2]")),
+    Case("extract-layer-out-of-range-negative", (*EXTRACT, "--hidden-index", "-4"), None,
+         ("extract_pairs.hidden_index", "[-3, 2]")),
     Case("extract-max-tokens-zero", (*EXTRACT, "--max-tokens", "0"), None,
          ("--max-tokens", "extract_pairs.max_tokens) must be an integer >= 1")),
     # train-converter
@@ -315,8 +323,8 @@ CASES = [
     Case("train-pairs-not-safetensors", TRAIN,
          write("pairs/layer2/pairs.safetensors", '{"X": [1, 2]}'),
          ("pairs.safetensors is not a safetensors file",)),
-    Case("train-layer-out-of-range", (*TRAIN, "--layer-index", "5"), None,
-         ("train_converter.layer_index", "[-3, 2]")),
+    Case("train-layer-out-of-range", (*TRAIN, "--hidden-index", "5"), None,
+         ("train_converter.hidden_index", "[-3, 2]")),
     # converter-report
     Case("report-folder-missing", REPORT, None, ("converter_report.converters 'cm'",
                                                  "not a folder")),
@@ -342,10 +350,12 @@ CASES = [
                             "layer2_linear": report_metrics(3),
                             "layer2_mlp": report_metrics(5)}),
          ("different topk values [3, 5]",)),
-    Case("report-bad-model-types", (*REPORT, "--model-types", "linear,,mlp"), None,
-         ("converter_report.model_types", "'linear,,mlp'")),
-    Case("report-layers-empty", (*REPORT, "--layers", ""), None,
-         ("converter_report.layers is empty",)),
+    Case("report-bad-model-types", (*REPORT, "--model-types", "[linear, identity]"), None,
+         ("per_layer.model_types", "one of 'linear', 'mlp'", "['linear', 'identity']")),
+    Case("report-model-types-twice", (*REPORT, "--model-types", "[mlp, mlp]"), None,
+         ("per_layer.model_types ['mlp', 'mlp'] names one twice",)),
+    Case("report-layers-empty", (*REPORT, "--layers", "[]"), None,
+         ("per_layer.layers is empty",)),
     # demo-recursive
     Case("demo-converter-from-another-model", DEMO,
          copy_from_foreign("conv/layer2_linear/converter.safetensors", "conv.safetensors"),
@@ -362,7 +372,7 @@ CASES = [
     Case("train-lm-prepared-missing", TRAIN_LM, None,
          ("prepared/train.safetensors does not exist",)),
     Case("train-lm-shortlist-over-vocabulary", (*TRAIN_LM, "--shortlist", "5000",
-                                                       "--reversal-facts", "none"), prepared(),
+                                                       "--reversal-facts", "null"), prepared(),
          ("train_lm.shortlist (5000) must be below the vocabulary size",)),
     Case("train-lm-pairs-bad-row", (*TRAIN_LM, "--reversal-facts", "p.csv"),
          prepared(lambda p: (p.parent / "p.csv").write_text("child,parent\nA,B\nC\n")),
@@ -378,7 +388,7 @@ CASES = [
          write("p.jsonl", '{"child": "A", "parent": "B"}\n[1, 2]\n'),
          ("p.jsonl:2: expected a JSON object",)),
     Case("reversal-bad-templates", (*REVERSAL, "--templates", "one template only"), None,
-         ("eval_reversal.templates must be 'forward|backward'",)),
+         ("eval_reversal.templates must be a list of two templates [forward, backward]",)),
     Case("reversal-infini-lm-without-checkpoint", (*REVERSAL, "--model-kind", "infini-lm"),
          None, ("model kind infini-lm needs a checkpoint",)),
     Case("reversal-too-many-distractors", (*REVERSAL, "--pairs", "p.csv", "--distractors", "5"),
@@ -388,8 +398,8 @@ CASES = [
     Case("memory-checkpoint-wrong-kind", MEMORY,
          copy_from_foreign("pairs/layer2/pairs.safetensors", "lm.safetensors"),
          ("is a 'hidden-embedding-pairs' artifact, expected 'infini-lm'",)),
-    Case("memory-bad-passkey-fillers", (*MEMORY, "--passkey-fillers", "1,x"), None,
-         ("eval_memory.passkey_fillers must be comma-separated integers",)),
+    Case("memory-bad-passkey-fillers", (*MEMORY, "--passkey-fillers", "[1, x]"), None,
+         ("eval_memory.passkey_fillers) must be a list of integers >= 0",)),
     Case("eval-ppl-infini-lm-wrong-artifact", (*EVAL, "--model-kind", "infini-lm",
                                                "--checkpoint", "prepared/val.safetensors"),
          prepared(), ("is a 'prepared-split' artifact, expected 'infini-lm'",)),
@@ -399,8 +409,13 @@ CASES = [
     Case("adapter-facts-over-budget", (*ADAPTER, "--reversal-facts", "shipped",
                                        "--reversal-repeats", "100"), prepared(),
          ("more than train_infini_adapter.max_train_tokens (400)", "reversal_repeats")),
-    Case("infini-report-metrics-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
+    Case("infini-report-metrics-missing", INFINI_REPORT, writes(
+        ("ppl.json", '{"token_ppl": 3}'),
+        ("params.yaml", "infini_runs: {pythia: {kind: pythia}}\n"
+                        "adapter_runs: {parallel: {mode: parallel}}\n")),
          ("im/eval_reversal.json does not exist",)),
+    Case("infini-report-runs-missing", INFINI_REPORT, write("ppl.json", '{"token_ppl": 3}'),
+         ("params.yaml: expected params group 'infini_runs' to map run names",)),
     # chameleon: self-generate, estimate-directions, eval-chameleon
     Case("chameleon-gold-tag-unknown", (*SELFGEN, "--data", "dev_questions.json"),
          lamp2([lamp2_question([{"id": "1", "description": "d", "tag": "comedy"}])],
@@ -414,13 +429,15 @@ CASES = [
          ("self_generate.personalized_template has no {profile} placeholder",)),
     Case("chameleon-data-neither", (*SELFGEN, "--data", "notes.txt"), write("notes.txt", "x"),
          ("chameleon_data.data 'notes.txt' is neither a MovieLens folder",)),
-    Case("chameleon-layer-out-of-range", (*ESTIMATE, "--target-layers", "2"), None,
-         ("estimate_directions.target_layers: layer 2 is out of range",
-          "decoder layer index in [-2, 1]")),
+    Case("chameleon-layer-out-of-range", (*ESTIMATE, "--target-decoder-layers", "[1, 2]"), None,
+         ("estimate_directions.target_decoder_layers must hold decoder layer indices in "
+          "[-2, 1]", "got 2.")),
     Case("chameleon-module-path-unknown",
-         (*ESTIMATE, "--target-layers", "model.layers.0.attn_out"), None,
-         ("estimate_directions.target_layers", "no module 'model.layers.0.attn_out'")),
-    Case("chameleon-generations-missing", (*ESTIMATE, "--target-layers", "1"), None,
+         (*ESTIMATE, "--target-decoder-layers", "[model.layers.0.attn_out]"), None,
+         ("estimate_directions.target_decoder_layers", "no module 'model.layers.0.attn_out'")),
+    Case("chameleon-layers-not-a-list", (*ESTIMATE, "--target-decoder-layers", "{{a: 1}}"), None,
+         ("estimate_directions.target_decoder_layers) must be a list of integers or strings",)),
+    Case("chameleon-generations-missing", (*ESTIMATE, "--target-decoder-layers", "1"), None,
          ("gen.safetensors does not exist",)),
     Case("chameleon-directions-from-another-model", EVALCHAM, foreign_directions,
          ("dir.safetensors", "was made with base model")),
@@ -429,9 +446,11 @@ CASES = [
          ("is a 'hidden-embedding-pairs' artifact, expected 'chameleon-directions'",)),
     # CVFP
     Case("phase1-layer-counts-differ", (*PHASE1, "--context-layers", "2", "--token-layers", "1"),
-         prepared(), ("phase1.context_layers (2) must equal phase1.token_layers (1)",)),
+         prepared(), ("phase1_context.context_layers (2) must equal "
+                      "phase1_context.token_layers (1)",)),
     Case("phase1-too-few-train-tokens", (*PHASE1, "--tokens-per-block", "100000000"),
-         prepared(), ("phase1 needs 2 x 100000000", "lower phase1.tokens_per_block")),
+         prepared(), ("phase1_context needs 2 x 100000000",
+                      "lower phase1_context.tokens_per_block")),
     Case("prep-cache-blocks-wrong-kind", (*PREP, "--blocks", "pairs.safetensors"),
          copy_from_foreign("pairs/layer2/pairs.safetensors", "pairs.safetensors"),
          ("is a 'hidden-embedding-pairs' artifact", "cvfp-context-blocks")),
@@ -458,11 +477,10 @@ CASES = [
          copy_from_foreign("pairs/layer2/pairs.safetensors", "es/train.safetensors"),
          ("is a 'hidden-embedding-pairs' artifact, expected 'virtual-token-e-star'",)),
     Case("capacity-bad-lengths", ("reconstruct-capacity", "--model", "{model}", "--lengths",
-                                  "4,x", "--metrics", "c.json", "--plot", "c.csv"), None,
-         ("reconstruct_capacity.lengths must be a comma-separated list of positive integers",)),
-    Case("eval-compressor-empty-run", ("eval-compressor", "--model", "{model}", "--runs",
-                                       "hyper,,qattn"), None,
-         ("eval_compressor.runs must be comma-separated names",)),
+                                  "[4, x]", "--metrics", "c.json", "--plot", "c.csv"), None,
+         ("reconstruct_capacity.lengths) must be a list of integers >= 1", "[4, 'x']")),
+    Case("eval-compressor-no-runs", ("eval-compressor", "--model", "{model}"), None,
+         ("params.yaml: expected params group 'compressor_runs'",)),
     Case("compressor-name-dots", ("train-compressor", "--model", "{model}", "--name", ".."),
          None, ("train_compressor.name must be a plain file name",)),
     # click's own checks on the command line (a value outside its choices, not a number, an
@@ -477,7 +495,7 @@ CASES = [
     # fetch-assets: a file where the assets folder should be (nothing is downloaded first).
     Case("fetch-assets-dir-is-a-file", ("fetch-assets", "--assets-dir", "assets",
                                         "--metrics", "fa.json"),
-         write("assets", "a file"), ("cannot write assets/", "is a file, expected a folder")),
+         write("assets", "a file"), ("--assets-dir assets", "is a file, where")),
 ]
 
 
@@ -522,7 +540,8 @@ def chameleon_foreign(other_tiny_model: Path, tmp_path_factory: pytest.TempPathF
                       "--num-direction-users", "3", "--num-eval-users", "3",
                       "--max-new-tokens", "2", "--out", "gen.safetensors", "--metrics", "sg.json"),
                      ("estimate-directions", "--model", str(other_tiny_model), "--generations",
-                      "gen.safetensors", "--target-layers", "1", "--out", "dir.safetensors",
+                      "gen.safetensors", "--target-decoder-layers", "[1]", "--out",
+                      "dir.safetensors",
                       "--metrics", "ed.json")):
             with pytest.raises(SystemExit) as exit_info:
                 main(list(args))

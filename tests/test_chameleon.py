@@ -29,7 +29,6 @@ from newllm.chameleon.editing import (
     resolve_targets,
 )
 from newllm.chameleon.export import read_control_vector, write_control_vector
-from newllm.chameleon.frozen import check_unchanged, freeze
 from newllm.chameleon.scoring import (
     INVALID,
     bootstrap_ci,
@@ -42,6 +41,7 @@ from newllm.chameleon.scoring import (
     resamples,
 )
 from newllm.core.errors import NewllmError
+from newllm.core.frozen import check_unchanged, freeze
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -240,10 +240,10 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _edits(model, generator, layers="0,1"):
+def _edits(model, generator, layers=(0, 1)):
     d = model.config.hidden_size
     return [LayerEdit(t, torch.randn(d, generator=generator), torch.randn(d, generator=generator))
-            for t in resolve_targets(model, layers, "test.layers")]
+            for t in resolve_targets(model, list(layers), "test.layers")]
 
 
 def test_hooks_change_outputs_and_leave_them_bit_identical_after(tiny):
@@ -280,7 +280,7 @@ def test_hook_output_equals_the_edit_of_the_captured_mlp_output(tiny):
 
     model = tiny.model
     ids = torch.tensor([[5, 17, 42, 8]])
-    edits = _edits(model, torch.Generator().manual_seed(2), "1")
+    edits = _edits(model, torch.Generator().manual_seed(2), [1])
     path = edits[0].target.path
     with torch.inference_mode(), capture_outputs(model, [path]) as plain:
         model(input_ids=ids)
@@ -297,13 +297,20 @@ def test_hook_output_equals_the_edit_of_the_captured_mlp_output(tiny):
 
 def test_targets_resolve_indices_and_paths(tiny):
     model = tiny.model
-    assert [t.path for t in resolve_targets(model, "0,-1", "k")] == \
+    assert [t.path for t in resolve_targets(model, [0, -1], "k")] == \
         ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert resolve_targets(model, "model.layers.1.mlp", "k")[0].layer == 1
-    with pytest.raises(NewllmError, match=r"layer 2 is out of range.*\[-2, 1\]"):
-        resolve_targets(model, "2", "estimate_directions.target_layers")
+    # the order given is kept; an index may also come as text
+    assert [t.layer for t in resolve_targets(model, ["1", 0], "k")] == [1, 0]
+    assert resolve_targets(model, ["model.layers.1.mlp"], "k")[0].layer == 1
+    with pytest.raises(NewllmError, match=r"target_decoder_layers must hold decoder layer "
+                                          r"indices in \[-2, 1\].*got 2\."):
+        resolve_targets(model, [2], "estimate_directions.target_decoder_layers")
     with pytest.raises(NewllmError, match=r"has no module 'model\.layers\.7\.mlp'"):
-        resolve_targets(model, "model.layers.7.mlp", "k")
+        resolve_targets(model, ["model.layers.7.mlp"], "k")
+    with pytest.raises(NewllmError, match="names a module twice"):
+        resolve_targets(model, [1, "model.layers.1.mlp"], "k")
+    with pytest.raises(NewllmError, match=r"k must list decoder layer indices"):
+        resolve_targets(model, [], "k")
 
 
 # --- frozen --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ DATA = ("--num-direction-users", "4", "--num-eval-users", "6", "--max-profile-it
 
 
 def run_line(run_cli, model: Path, cwd: Path, *, scope: str = "global", users: str = "direction",
-             layers: str = "0,1", extra_eval: tuple[str, ...] = ()) -> dict[str, dict]:
+             layers: str = "[0, 1]", extra_eval: tuple[str, ...] = ()) -> dict[str, dict]:
     make_mini_movielens(cwd / "ml-mini")
     # relative, so two folders record the same params (and write the same bytes)
     common = ("--model", str(model), "--data", "ml-mini", *DATA)
@@ -27,7 +27,8 @@ def run_line(run_cli, model: Path, cwd: Path, *, scope: str = "global", users: s
                      "--out", "gen.safetensors", "--metrics", "sg.json", cwd=cwd)
     assert result.code == 0, result.err
     result = run_cli("estimate-directions", "--model", str(model), "--generations",
-                     "gen.safetensors", "--target-layers", layers, "--direction-scope", scope,
+                     "gen.safetensors", "--target-decoder-layers", layers, "--direction-scope",
+                     scope,
                      "--out", "dir.safetensors", "--metrics", "ed.json", cwd=cwd)
     assert result.code == 0, result.err
     result = run_cli("eval-chameleon", *common, "--directions", "dir.safetensors",
@@ -83,7 +84,7 @@ def test_the_line_runs_and_is_deterministic(run_cli, tiny_model, tmp_path):
 
 def test_per_user_directions(run_cli, tiny_model, tmp_path):
     metrics = run_line(run_cli, tiny_model, tmp_path, scope="per_user", users="all",
-                       layers="1", extra_eval=("--scoring", "likelihood"))
+                       layers="[1]", extra_eval=("--scoring", "likelihood"))
     meta = read_meta(tmp_path / "dir.safetensors")
     assert meta["shapes"]["layer1.theta_p"] == [10, 32]  # direction and evaluation users
     assert metrics["ev"]["direction_scope"] == "per_user"
@@ -92,15 +93,16 @@ def test_per_user_directions(run_cli, tiny_model, tmp_path):
 
 def test_eval_refuses_layers_the_directions_lack_and_per_user_without_eval_users(
         run_cli, tiny_model, tmp_path):
-    run_line(run_cli, tiny_model, tmp_path, layers="1", extra_eval=("--scoring", "likelihood",
-                                                                     "--sweep-alphas", ""))
+    run_line(run_cli, tiny_model, tmp_path, layers="[1]", extra_eval=("--scoring", "likelihood",
+                                                                     "--sweep-alphas", "[]"))
     common = ("--model", str(tiny_model), "--data", str(tmp_path / "ml-mini"), *DATA,
               "--directions", "dir.safetensors", "--metrics", "x.json")
     result = run_cli("eval-chameleon", *common, "--layers", "0", cwd=tmp_path)
-    assert_one_line_error(result, "eval_chameleon.layers", "'0' is not among the layers")
+    assert_one_line_error(result, "eval_chameleon.layers", "layer 0 is not among the layers")
     assert not (tmp_path / "x.json").exists()
     result = run_cli("estimate-directions", "--model", str(tiny_model), "--generations",
-                     "gen.safetensors", "--target-layers", "1", "--direction-scope", "per_user",
+                     "gen.safetensors", "--target-decoder-layers", "[1]", "--direction-scope",
+                     "per_user",
                      "--out", "pu.safetensors", "--metrics", "pu.json", cwd=tmp_path)
     assert result.code == 0, result.err
     result = run_cli("eval-chameleon", *common[:-4], "--directions", "pu.safetensors",
@@ -110,8 +112,8 @@ def test_eval_refuses_layers_the_directions_lack_and_per_user_without_eval_users
 
 
 def test_generate_command_prints_both(run_cli, tiny_model, tmp_path):
-    run_line(run_cli, tiny_model, tmp_path, layers="1", extra_eval=("--scoring", "likelihood",
-                                                                     "--sweep-alphas", ""))
+    run_line(run_cli, tiny_model, tmp_path, layers="[1]", extra_eval=("--scoring", "likelihood",
+                                                                     "--sweep-alphas", "[]"))
     result = run_cli("generate", "--model", str(tiny_model), "--directions", "dir.safetensors",
                      "--prompt", "The river flows", "--max-new-tokens", "4", "--alpha", "2",
                      "--beta", "1", "--target-edit-ratio", "0.5", cwd=tmp_path)
@@ -133,7 +135,7 @@ def test_real_default_model_a_few_users_end_to_end(run_cli, real_assets, tmp_pat
     assert result.code == 0, result.err
     result = run_cli("eval-chameleon", "--model", str(model), *data, "--directions",
                      "dir.safetensors", "--max-new-tokens", "10", "--bootstrap", "50",
-                     "--sweep-alphas", "", "--control-vector", "cv.gguf", "--predictions",
+                     "--sweep-alphas", "[]", "--control-vector", "cv.gguf", "--predictions",
                      "pred.json", "--metrics", "ev.json", "--plot", "alpha.csv", cwd=tmp_path)
     assert result.code == 0, result.err
     ev = json.loads((tmp_path / "ev.json").read_text())

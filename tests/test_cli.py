@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_one_line_error, make_corpus_texts
+from conftest import assert_one_line_error, make_corpus_texts
 
-from newllm.core.cli import _register, cli
 from newllm.core.data import Document, load_split, tokenize_documents
 
 
@@ -166,58 +164,6 @@ def test_console_script_prints_no_traceback(tmp_path, tiny_model):
     assert len(lines) == 1 and lines[0].startswith("error: missing/val.safetensors does not "
                                                    "exist"), result.stderr
     assert not (tmp_path / "metrics").exists()
-
-
-def test_every_stage_option_has_a_params_key_and_dvc_passes_it():
-    _register()
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    reference = r"""['"]?\$\{([a-z0-9_]+)\.([a-z0-9_]+)\}['"]?"""
-    for name, stage in stages.items():
-        if "foreach" in stage:  # the body of a foreach stage sits under `do`
-            stage = {**stage["do"], "foreach": stage["foreach"]}
-        command = cli.commands[stage["cmd"].split()[1]]  # `newllm <command> ...`
-        # each option's help names its params key: "[params: group.key; ...]"
-        option_groups = {o.name.replace("_", "-"):
-                         re.search(r"\[params: ([a-z0-9_]+)\.", o.help)[1]
-                         for o in command.params if o.name != "help"}
-        flags = re.findall(r"--([a-z0-9-]+) (\S+)", stage["cmd"])
-        # `--flag ${group.key}` (quoted for free text); any other value is a literal: a stage
-        # running a command in one fixed setting (`--model-kind cvfp`, `--out a/${item.k}/x`)
-        passed, literal = [], []
-        for flag, value in flags:
-            match = re.fullmatch(reference, value)
-            (passed.append((flag, *match.groups())) if match else literal.append(flag))
-        # a whole group, `${per_layer}`, is how DVC passes a list: `--layers 1 15 30`
-        words = stage["cmd"].split()
-        groups = [m[1] for before, word in itertools.pairwise(words)
-                  if (m := re.fullmatch(r"\$\{([a-z0-9_]+)\}", word))
-                  and not before.startswith("--")]
-        passed += [(key.replace("_", "-"), group, key) for group in groups
-                   for key in params[group]]
-        assert {flag for flag, _, _ in passed} | set(literal) == set(option_groups), name
-        assert len(passed) + len(literal) == len(re.findall(r"--", stage["cmd"])) + sum(
-            len(params[group]) for group in groups), name
-        for flag in literal:  # a fixed option still has its params.yaml key
-            assert flag.replace("-", "_") in params[option_groups[flag]], (name, flag)
-        for flag, group, key in passed:
-            if group == "item":
-                # a matrix/foreach value: it must be one of the stage's iteration keys, and
-                # the option still has a params.yaml entry (the default of a run by hand)
-                assert flag == key.replace("_", "-"), (name, flag, key)
-                if "foreach" in stage:  # every entry of the foreach dict has the key
-                    entries = params
-                    for part in re.fullmatch(r"\$\{([\w.]+)\}", stage["foreach"])[1].split("."):
-                        entries = entries[part]
-                    assert all(key in entry for entry in entries.values()), (name, key)
-                else:
-                    assert key in (stage.get("matrix") or {}), (name, key)
-                group = option_groups[flag]
-            elif flag != key.replace("_", "-"):
-                # another stage's output as this stage's input (eval-ppl's --checkpoint)
-                assert key in params[group], (name, flag, group, key)
-                continue
-            assert key in params[group], (name, group, key)
 
 
 def test_help_lists_params_keys(run_cli):

@@ -11,13 +11,13 @@ pytestmark = pytest.mark.real_model
 
 def test_linear_converter_beats_the_identity_baseline(run_cli, real_assets, tmp_path):
     model = str(real_assets / "smollm2-135m")
-    result = run_cli("extract-pairs", "--model", model, "--layer-index", "-1",
+    result = run_cli("extract-pairs", "--model", model, "--hidden-index", "-1",
                      "--max-tokens", "400", "--batch-size", "200", "--out-dir", "pairs",
                      "--metrics-dir", "m", cwd=tmp_path)
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "m" / "layer30.json").read_text())["pairs"] == 400
     result = run_cli("train-converter", "--model", model, "--pairs-dir", "pairs",
-                     "--layer-index", "30", "--model-type", "linear", "--epochs", "30",
+                     "--hidden-index", "30", "--model-type", "linear", "--epochs", "30",
                      "--batch-size", "32", "--val-fraction", "0.25", "--out-dir", "conv",
                      "--metrics-dir", "cm", "--plots-dir", "cp", cwd=tmp_path)
     assert result.code == 0, result.err

@@ -192,7 +192,7 @@ def test_block_slices_are_disjoint_or_shared():
     assert all(len(c) == 10 for c in covered)
     assert not (covered[0] & covered[1]) and not (covered[1] & covered[2])
     assert block_slices(3, 10, "all", 40) == [slice(0, 30)] * 3
-    with pytest.raises(NewllmError, match="phase1 needs 3 x 20"):
+    with pytest.raises(NewllmError, match="phase1_context needs 3 x 20"):
         block_slices(3, 20, "split", 40)
 
 

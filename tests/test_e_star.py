@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import assert_one_line_error
 
 from newllm.core.base import load_base
@@ -127,7 +128,7 @@ def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tiny):
              pair(tiny, "Birds migrate south", " in autumn and return north.")]
     texts, follows = [t for t, _ in pairs], [f for _, f in pairs]
     config = EStarConfig(num_virtual=2, steps=15, lr=0.05, hidden_weight=0.5,
-                         hidden_layer_index=1, batch_size=3)
+                         hidden_loss_index=1, batch_size=3)
     batched = optimize_e_star(tiny.model, config, SEP, texts, follows)
     for i in range(3):
         alone = optimize_batch(tiny.model, config, SEP, texts[i:i + 1], follows[i:i + 1])
@@ -306,7 +307,7 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     result = run_cli("build-e-star", *common, "--data", str(prepared_tiny), "--num-virtual",
                      "2", "--steps", "40", "--lr", "0.1", "--num-samples", "6",
                      "--val-samples", "3", "--text-tokens", "16", "--follow-tokens", "6",
-                     "--hidden-layer-index", "1", "--context-layer-index", "1",
+                     "--hidden-loss-index", "1", "--context-hidden-index", "1",
                      "--teacher-topk", "16", "--batch-size", "4", cwd=tmp_path)
     assert result.code == 0, result.err
     build = read_json(tmp_path / "metrics/e_star/build.json")
@@ -322,30 +323,32 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     # held-out pairs come from val documents only
     assert e_star.meta["extra"]["split"] == "val"
 
-    # eval-compressor's default run names (hyper, qattn, hyper_attn), each trying another
-    # setting here: plain hyper; qattn matching attention weights; hyper_attn matching
-    # attention outputs (layers 0 and last)
-    for run, arch, attn_weight, use_weights in (("hyper", "hyper", "0", "false"),
-                                                ("qattn", "qattn", "0.5", "true"),
-                                                ("hyper_attn", "hyper", "0.5", "false")):
-        result = run_cli("train-compressor", *common, "--arch", arch, "--name", run,
+    # the runs of compressor_runs (as dvc.yaml's foreach runs them: `--run NAME --name NAME`),
+    # each trying another setting here: plain hyper; qattn matching attention weights;
+    # hyper_attn matching attention outputs (layers 0 and last); eval-compressor reads the
+    # same run names
+    runs = {"hyper": {"arch": "hyper", "attn_weight": 0.0, "attn_use_weights": False},
+            "qattn": {"arch": "qattn", "attn_weight": 0.5, "attn_use_weights": True},
+            "hyper_attn": {"arch": "hyper", "attn_weight": 0.5, "attn_use_weights": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"compressor_runs": runs}))
+    for run, keys in runs.items():
+        result = run_cli("train-compressor", *common, "--run", run, "--name", run,
                          "--num-heads", "4", "--hyper-ffn-dim", "32", "--epochs", "3",
                          "--batch-size", "4", "--lr", "0.001", "--hidden-weight", "0.1",
-                         "--hidden-layer-index", "1", "--attn-weight", attn_weight,
-                         "--attn-layers", "0,-1", "--attn-use-weights", use_weights,
+                         "--hidden-loss-index", "1", "--attn-decoder-layers", "[0, -1]",
                          cwd=tmp_path)
         assert result.code == 0, result.err
         trained = read_json(tmp_path / f"metrics/compressor/{run}.json")
-        assert trained["base_weights_unchanged"] is True and trained["arch"] == arch
-        assert trained["attn_weight"] == float(attn_weight)
+        assert trained["base_weights_unchanged"] is True and trained["arch"] == keys["arch"]
+        assert trained["attn_weight"] == keys["attn_weight"]
         assert (tmp_path / f"plots/compressor/{run}.csv").is_file()
         assert (tmp_path / f"artifacts/compressors/{run}/compressor.safetensors").is_file()
     result = run_cli("train-compressor", *common, "--arch", "hyper", "--num-heads", "4",
-                     "--attn-weight", "0.5", "--attn-layers", "0,2", "--out-dir", "bad",
-                     "--metrics-dir", "bad", cwd=tmp_path)
-    assert_one_line_error(result, "train_compressor.attn_layers must hold decoder layers in "
-                                  "[-2, 1]")
-    assert not (tmp_path / "bad").exists()
+                     "--attn-weight", "0.5", "--attn-decoder-layers", "[0, 2]", "--out-dir",
+                     "bad", "--metrics-dir", "bad_metrics", cwd=tmp_path)
+    assert_one_line_error(result, "train_compressor.attn_decoder_layers must hold decoder "
+                                  "layer indices in [-2, 1]")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad_metrics").exists()
 
     result = run_cli("eval-compressor", *common, "--greedy-tokens", "4", cwd=tmp_path)
     assert result.code == 0, result.err
@@ -364,17 +367,31 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     assert ev["mean_e_star_mse"] > 0 and ev["mean_e_star_kl"] > ev["e_star_kl"]
     nearest = read_json(tmp_path / "metrics/e_star/nearest.json")["examples"]
     assert len(nearest) == 3 and len(nearest[0]["e_star"]) == 2
-    result = run_cli("eval-compressor", *common, "--runs", "hyper,e_star", "--metrics",
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"compressor_runs": {
+        "hyper": runs["hyper"], "e_star": runs["hyper"]}}))
+    result = run_cli("--params", "bad.yaml", "eval-compressor", *common, "--metrics",
                      "bad.json", cwd=tmp_path)
-    assert_one_line_error(result, "eval_compressor.runs must be comma-separated distinct")
+    assert_one_line_error(result, "compressor_runs: a run may not be named e_star")
+    assert not (tmp_path / "bad.json").exists()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"compressor_runs": {}}))
+    result = run_cli("--params", "bad.yaml", "eval-compressor", *common, "--metrics",
+                     "bad.json", cwd=tmp_path)
+    assert_one_line_error(result, "bad.yaml: expected params group 'compressor_runs'")
     assert not (tmp_path / "bad.json").exists()
 
     result = run_cli("reconstruct-capacity", *common, "--data", str(prepared_tiny),
-                     "--num-virtual-list", "1,2", "--lengths", "2,4", "--steps", "60",
+                     "--num-virtual-list", "[2, 1, 2]", "--lengths", "[2, 4]", "--steps", "60",
                      cwd=tmp_path)
     assert result.code == 0, result.err
     capacity = read_json(tmp_path / "metrics/e_star/capacity.json")
-    assert {"capacity_k1", "capacity_k2"} <= set(capacity)
+    assert {"capacity_k1", "capacity_k2"} <= set(capacity)  # sorted, distinct
+    result = run_cli("reconstruct-capacity", *common, "--lengths", "[]", "--metrics", "bad.json",
+                     cwd=tmp_path)
+    assert_one_line_error(result, "reconstruct_capacity.lengths is empty")
+    result = run_cli("reconstruct-capacity", *common, "--lengths", "[4, 0]", "--metrics",
+                     "bad.json", cwd=tmp_path)
+    assert_one_line_error(result, "reconstruct_capacity.lengths) must be a list of integers >= 1")
+    assert not (tmp_path / "bad.json").exists()
 
     result = run_cli("demo-compressor", *common, "--compressor",
                      "artifacts/compressors/qattn/compressor.safetensors", "--text",

@@ -13,9 +13,10 @@ from conftest import assert_one_line_error
 
 from newllm.core.artifacts import load_artifact
 from newllm.core.base import load_base
+from newllm.core.tokens import left_pad
 from newllm.virtual_tokens.converter import Converter, ConverterConfig, load_converter
 from newllm.virtual_tokens.pairs import PAIRS_KIND, load_pairs
-from newllm.virtual_tokens.recursive import embed_ids, left_pad, pool_hidden
+from newllm.virtual_tokens.recursive import embed_ids, pool_hidden
 
 N_LAYERS = 2  # the tiny Llama
 
@@ -77,7 +78,7 @@ def test_extract_pairs_shapes_and_metadata(run_cli, tiny_model, tiny_base, tmp_p
     assert meta["extra"]["prefix_token_id"] == separator != tokenizer.bos_token_id
     assert meta["extra"]["prefix_token"] == "<|endoftext|>"
     assert meta["extra"]["skipped_special_ids"] == special
-    assert meta["params"]["extract_pairs"]["layer_index"] == -1
+    assert meta["params"]["extract_pairs"]["hidden_index"] == -1
     embedding = tiny_base.model.get_input_embeddings().weight
     assert torch.equal(y, embedding[ids].detach())
     for row in (0, 57, 199):
@@ -92,7 +93,7 @@ def test_bos_on_and_off(run_cli, tiny_model, tiny_base, tmp_path):
     for bos in ("true", "false"):
         for layer in ("0", "1"):
             assert _extract(run_cli, tiny_model, tmp_path / bos, "--after-separator", bos,
-                            "--layer-index", layer).code == 0
+                            "--hidden-index", layer).code == 0
     pairs = {(bos, layer): load_pairs(tmp_path / bos / "pairs" / f"layer{layer}" /
                                       "pairs.safetensors", tiny_base.info.as_dict())
              for bos in ("true", "false") for layer in (0, 1)}
@@ -133,8 +134,8 @@ def test_same_params_give_byte_identical_converter_artifacts(run_cli, tiny_model
 
 @pytest.mark.parametrize("layer", ["3", "-4"])
 def test_extract_pairs_layer_out_of_range(run_cli, tiny_model, tmp_path, layer):
-    result = _extract(run_cli, tiny_model, tmp_path, "--layer-index", layer)
-    assert_one_line_error(result, "extract_pairs.layer_index", "[-3, 2]", layer)
+    result = _extract(run_cli, tiny_model, tmp_path, "--hidden-index", layer)
+    assert_one_line_error(result, "extract_pairs.hidden_index", "[-3, 2]", layer)
     assert not (tmp_path / "pairs").exists() and not (tmp_path / "m").exists()
 
 
@@ -150,7 +151,7 @@ def test_extract_pairs_max_tokens_zero(run_cli, tiny_model, tmp_path):
 
 def test_train_converter_metrics_match_an_independent_computation(run_cli, tiny_model,
                                                                   tiny_base, tmp_path):
-    assert _extract(run_cli, tiny_model, tmp_path, "--max-tokens", "none").code == 0
+    assert _extract(run_cli, tiny_model, tmp_path, "--max-tokens", "null").code == 0
     result = _train(run_cli, tiny_model, tmp_path, "--model-type", "linear")
     assert result.code == 0, result.err
     pairs = load_pairs(tmp_path / "pairs" / "layer2" / "pairs.safetensors",
@@ -205,23 +206,23 @@ def test_train_converter_rejects_pairs_from_another_model(run_cli, tiny_model,
 def test_train_converter_missing_pairs_and_bad_layer(run_cli, tiny_model, tmp_path):
     assert_one_line_error(_train(run_cli, tiny_model, tmp_path), "pairs/layer2/pairs.safetensors",
                           "does not exist")
-    assert_one_line_error(_train(run_cli, tiny_model, tmp_path, "--layer-index", "5"),
-                          "train_converter.layer_index", "[-3, 2]")
+    assert_one_line_error(_train(run_cli, tiny_model, tmp_path, "--hidden-index", "5"),
+                          "train_converter.hidden_index", "[-3, 2]")
 
 
 def test_converter_report_collects_every_layer(run_cli, tiny_model, tmp_path):
     for layer in ("1", "2"):
-        assert _extract(run_cli, tiny_model, tmp_path, "--layer-index", layer).code == 0
+        assert _extract(run_cli, tiny_model, tmp_path, "--hidden-index", layer).code == 0
         for model_type in ("linear", "mlp"):
-            assert _train(run_cli, tiny_model, tmp_path, "--layer-index", layer, "--model-type",
+            assert _train(run_cli, tiny_model, tmp_path, "--hidden-index", layer, "--model-type",
                           model_type, "--hidden-dim", "16").code == 0
     # a layer no longer declared (dropped from per_layer.layers) must not linger in the report
     stale = json.loads((tmp_path / "cm" / "layer2_linear.json").read_text())
     for model_type in ("linear", "mlp"):
         (tmp_path / "cm" / f"layer0_{model_type}.json").write_text(json.dumps(stale))
-    # the layers as DVC renders `${per_layer}`: space-separated after the flag
-    result = run_cli("converter-report", "--converters", "cm", "--layers", "1", "2",
-                     "--model-types", "linear,mlp", "--metrics", "report.json",
+    # the declared layers (per_layer.layers) as a YAML list on the command line
+    result = run_cli("converter-report", "--converters", "cm", "--layers", "[1, 2]",
+                     "--model-types", "[linear, mlp]", "--metrics", "report.json",
                      "--plot", "by_layer.csv", cwd=tmp_path)
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "report.json").read_text())
@@ -247,7 +248,7 @@ def test_converter_report_reads_only_the_declared_model_types(run_cli, tmp_path)
     (tmp_path / "cm").mkdir()
     for name in ("layer3_linear", "layer3_mlp", "layer4_linear"):
         (tmp_path / "cm" / f"{name}.json").write_text(json.dumps(metrics))
-    result = run_cli("converter-report", "--converters", "cm", "--layers", "4,3",
+    result = run_cli("converter-report", "--converters", "cm", "--layers", "[4, 3]",
                      "--model-types", "linear", "--metrics", "r.json", "--plot", "p.csv",
                      cwd=tmp_path)
     assert result.code == 0, result.err

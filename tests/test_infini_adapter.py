@@ -9,11 +9,11 @@ import torch
 from conftest import assert_one_line_error
 
 from newllm.core.base import load_base
+from newllm.core.hidden import decoder_of
 from newllm.infini.adapter import (
     InfiniLayer,
     attach_parallel,
     attach_replace,
-    decoder_layers,
     distill,
     distill_error,
     lm_loss,
@@ -72,7 +72,7 @@ def test_distillation_reproduces_layer0_on_held_out_text(tiny_model, prepared_ti
     # which a memory-only layer cannot see)
     assert after < 0.8, (before, after)
     original = attach_replace(base, infini)
-    assert decoder_layers(base)[0].infini is infini and original is not None
+    assert decoder_of(base).layers[0].infini is infini and original is not None
     assert torch.isfinite(lm_loss(base, held_out, 8))
 
 
@@ -132,7 +132,7 @@ def test_the_artifact_rebuilds_the_trained_model(run_cli, tiny_model, prepared_t
     common = ("--model", str(tiny_model), "--device", "cpu", "--data", str(prepared_tiny),
               "--segment-length", "16", "--segments-per-sequence", "2", "--max-train-tokens",
               "1200", "--val-max-tokens", "100", "--d-ff", "32", "--reversal-repeats", "1",
-              "--finetune-lr", "1e-2")
+              "--finetune-lr", "0.01")
     ids = _ids(load_base(str(tiny_model), device="cpu").model, length=40)
     for name, extra in (("full", ("--mode", "parallel")),
                         ("frozen", ("--mode", "parallel", "--freeze-base-model", "true")),

@@ -34,7 +34,7 @@ def _params_classes() -> dict[str, type]:
 
 CLASSES = _params_classes()
 # groups that only feed dvc matrices / foreach stages
-MATRIX_ONLY = {"per_layer", "infini_runs", "cvfp_grid_runs", "compressor_runs"}
+MATRIX_ONLY = {"infini_runs", "adapter_runs", "cvfp_grid_runs", "compressor_runs"}
 
 
 def test_every_params_group_has_a_dataclass_and_every_stage_a_group():
@@ -68,28 +68,38 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def test_compressor_runs_are_the_runs_eval_compressor_reads_and_depends_on():
-    runs = list(PARAMS["compressor_runs"])
-    assert PARAMS["eval_compressor"]["runs"].split(",") == runs
-    deps = [d for d in STAGES["eval-compressor"]["deps"] if "eval_compressor.compressors" in d]
-    assert [d.rsplit("/", 1)[1] for d in deps] == runs
-    for run in runs:
+    # eval-compressor reads the run names from compressor_runs itself (no copy of the list)
+    assert cli.commands["eval-compressor"].reads_runs == ("compressor_runs",)
+    stage = STAGES["eval-compressor"]
+    assert "compressor_runs" in stage["params"]
+    assert "${eval_compressor.compressors}" in stage["deps"]
+    for run in PARAMS["compressor_runs"]:
         assert PARAMS["compressor_runs"][run]["arch"] in ("hyper", "qattn")
 
 
-def test_infini_ablations_are_named_by_their_settings_and_all_reported():
-    ablations = PARAMS["infini_runs"]["ablations"]
+def test_infini_runs_are_the_kinds_and_the_ablations_named_by_their_settings():
+    # infini-report reads both runs groups itself (no copy of the names)
+    assert cli.commands["infini-report"].reads_runs == ("infini_runs", "adapter_runs")
+    assert cli.commands["train-lm"].runs == "infini_runs"
+    assert cli.commands["train-infini-adapter"].runs == "adapter_runs"
+    runs = PARAMS["infini_runs"]
+    kinds = {name: item for name, item in runs.items() if set(item) == {"kind"}}
+    assert {name: item["kind"] for name, item in kinds.items()} == {
+        k: k for k in ("pythia", "infini", "multi_memory", "hierarchical")}
+    ablations = {name: item for name, item in runs.items() if name not in kinds}
     for name, item in ablations.items():
         delta, alibi = (str(item[k]).lower() for k in ("use_delta_rule", "use_alibi"))
-        assert name == f"delta-{delta}_alibi-{alibi}"
-    assert PARAMS["infini_report"]["ablations"].split(",") == list(ablations)
-    # with train-lm@infini (train_lm's own delta / ALiBi settings) the grid is complete
+        assert name == f"{item['kind']}_delta-{delta}_alibi-{alibi}"
+    # with the infini run (train_lm's own delta / ALiBi settings) the grid is complete
     main = (PARAMS["train_lm"]["use_delta_rule"], PARAMS["train_lm"]["use_alibi"])
     cells = {(i["use_delta_rule"], i["use_alibi"]) for i in ablations.values()} | {main}
     assert cells == {(d, a) for d in (False, True) for a in (False, True)}
+    assert set(PARAMS["infini_report"]["reversal_adapter_runs"]) <= set(PARAMS["adapter_runs"])
 
 
 def test_the_base_is_split_as_the_trained_models_were_injected():
-    from newllm.infini.stages.train_infini_adapter import INJECT_FRACTION
-
     fraction = PARAMS["eval_reversal"]["inject_fraction"]
-    assert fraction == PARAMS["train_lm"]["reversal_inject_fraction"] == INJECT_FRACTION
+    assert fraction == PARAMS["train_lm"]["reversal_inject_fraction"] \
+        == PARAMS["train_infini_adapter"]["reversal_inject_fraction"]
+    for run in (*PARAMS["infini_runs"].values(), *PARAMS["adapter_runs"].values()):
+        assert "reversal_inject_fraction" not in run

@@ -21,8 +21,10 @@ from chameleon_helpers import make_mini_movielens
 from conftest import REPO
 from test_report import PNG_MAGIC, assert_printed, row_key
 
-from newllm.core.headlines import HEADLINES
+from newllm.core.headlines import headlines
 from newllm.core.report import load_pipeline, metrics_files, producing_stage
+
+HEADLINES = headlines()  # every line's, in report order
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None,
                                 reason="git is not installed; the DVC round trip needs a git repo")
@@ -53,9 +55,9 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
     # two kinds and one ablation keep the Infini line's part of the tiny DAG short
-    params["infini_runs"].update(kinds=["pythia", "infini"], ablations={
-        "delta-false_alibi-true": {"use_delta_rule": False, "use_alibi": True}})
-    params["infini_report"].update(kinds="pythia,infini", ablations="delta-false_alibi-true")
+    params["infini_runs"] = {"pythia": {"kind": "pythia"}, "infini": {"kind": "infini"},
+                             "infini_delta-false_alibi-true": {
+                                 "kind": "infini", "use_delta_rule": False, "use_alibi": True}}
     params["train_lm"].update(d_model=16, n_layers=2, n_heads=2, d_ff=32, shortlist=128,
                               segment_length=32, segments_per_sequence=2,
                               max_train_tokens=2048, val_max_tokens=200, batch_size=4,
@@ -64,10 +66,10 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["train_infini_adapter"].update(segment_length=16, segments_per_sequence=2,
                                           max_train_tokens=1200, val_max_tokens=100, d_ff=32,
                                           reversal_repeats=1)
-    params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers="0,2",
+    params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers=[0, 2],
                                  passkey_trials=2)
-    params["phase1"].update(context_dim=8, tokens_per_block=200, val_tokens=50, batch_size=64,
-                            max_iterations=2, lipschitz_samples=4)
+    params["phase1_context"].update(context_dim=8, tokens_per_block=200, val_tokens=50,
+                                    batch_size=64, max_iterations=2, lipschitz_samples=4)
     params["phase2_prep_cache"].update(train_tokens=400, chunk_tokens=128)
     params["phase2_token"].update(max_train_tokens=400, max_val_tokens=100, epochs=1,
                                   batch_size=32)
@@ -78,16 +80,14 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
                                   follow_tokens=4, steps=2, teacher_topk=8)
     params["train_compressor"].update(epochs=1, num_heads=4, hyper_ffn_dim=16, batch_size=4)
     params["eval_compressor"].update(greedy_tokens=2)
-    params["reconstruct_capacity"].update(num_virtual_list="1", lengths="2,4", steps=2)
-    if "layers" in params.get("converter_report", {}):
-        params["converter_report"]["layers"] = [1, 2]
+    params["reconstruct_capacity"].update(num_virtual_list=[1], lengths=[2, 4], steps=2)
     # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs
     movielens = make_mini_movielens(Path(tiny_model).parent / "ml-mini")
     params["chameleon_data"].update(data=str(movielens), num_direction_users=3,
                                     num_eval_users=4, max_profile_items=4, min_profile_items=3)
     params["self_generate"].update(max_new_tokens=3)
-    params["estimate_directions"]["target_layers"] = "0,1"
-    params["eval_chameleon"].update(max_new_tokens=2, bootstrap=20, sweep_alphas="1.2")
+    params["estimate_directions"]["target_decoder_layers"] = [0, 1]
+    params["eval_chameleon"].update(max_new_tokens=2, bootstrap=20, sweep_alphas=[1.2])
     return params
 
 

@@ -1,9 +1,10 @@
 """`newllm report` on a synthetic project whose metrics are random numbers drawn per test.
 
-The project's dvc.yaml gives every section of newllm/headlines.py its stage (metrics paths
-through `${...}` in params.yaml) and declares two plots (a file with a y mapping, and a folder
-of runs written by a matrix stage), so each declared figure and plot is checked, including
-sections added later.
+The project's dvc.yaml gives every section that a line declares (newllm/<line>/headlines.py)
+its stage (metrics paths through `${...}` in params.yaml; a foreach stage for a headline that
+names one item) and declares three plots (a file with a y mapping, a folder of runs written by
+a matrix stage, and bars), so each declared figure and plot is checked, including sections
+added later. The report of the committed metrics must fit a terminal (`WIDTH` columns).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,22 @@ import yaml
 from conftest import REPO, assert_one_line_error
 
 from newllm.core.errors import NewllmError
-from newllm.core.headlines import HEADLINES, Figure, Headline
-from newllm.core.report import MISSING, load_pipeline, metrics_files, read_section
+from newllm.core.headlines import Figure, Headline, headlines
+from newllm.core.report import (
+    MISSING,
+    WIDTH,
+    PlotSpec,
+    load_pipeline,
+    metrics_files,
+    plot_data,
+    plot_png,
+    read_section,
+    terminal_text,
+)
+
+HEADLINES = headlines()
+REPORT_ORDER = ["perplexity", "converter", "virtual_tokens", "chameleon", "cvfp",
+                "cvfp_perplexity", "cvfp_grid", "infini"]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,23 +81,35 @@ def make_project(root: Path, rng: random.Random) -> dict[str, dict[str, dict[str
     for headline in HEADLINES:
         path = f"metrics/{headline.name}.json"
         params["paths"][headline.name] = path
-        stages[headline.stage] = {"cmd": "true",
-                                  "metrics": [{f"${{paths.{headline.name}}}": {"cache": False}}]}
+        group, _, item = headline.stage.partition("@")
+        if item:  # one item of a foreach stage: its own file, the other item's is never read
+            stages.setdefault(group, {"foreach": {"unread": {"metrics": "metrics/unread.json"}},
+                                      "do": {"cmd": "true", "metrics": [
+                                          {"${item.metrics}": {"cache": False}}]}})
+            stages[group]["foreach"][item] = {"metrics": f"${{paths.{headline.name}}}"}
+        else:
+            stages[headline.stage] = {"cmd": "true", "metrics": [
+                {f"${{paths.{headline.name}}}": {"cache": False}}]}
         content, expected[headline.name] = synthetic_metrics(headline, rng)
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(content))
     stages["test-runs"] = {"matrix": {"run": "${runs}"}, "cmd": "true",
                            "outs": [{"plots/runs/${item.run}.csv": {"cache": False}}]}
-    stages["test-summary"] = {"cmd": "true", "outs": [{"plots/summary.csv": {"cache": False}}]}
+    stages["test-summary"] = {"cmd": "true", "outs": [{"plots/summary.csv": {"cache": False}},
+                                                       {"plots/variants.csv": {"cache": False}}]}
     pipeline = {"stages": stages, "plots": [
         {"Score vs step": {"x": "step", "y": {"plots/summary.csv": ["score", "other"]}}},
         {"plots/runs": {"x": "epoch", "y": ["train_loss", "val_loss"]}},
+        {"Score per variant": {"template": "bar_horizontal", "x": "score",
+                               "y": {"plots/variants.csv": "variant"}}},
     ]}
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "plots" / "runs").mkdir(parents=True)
     (root / "plots" / "summary.csv").write_text(
         "step,score,other\n" + "".join(f"{i},{rng.random()},{rng.random()}\n" for i in range(5)))
+    (root / "plots" / "variants.csv").write_text(
+        "variant,score\n" + "".join(f"v{i},{rng.random()}\n" for i in range(4)))
     for run in params["runs"]:
         (root / "plots" / "runs" / f"{run}.csv").write_text("epoch,train_loss,val_loss\n" + "".join(
             f"{e},{rng.random()},{rng.random()}\n" for e in range(1, 4)))
@@ -90,30 +120,57 @@ def figure_of(headline: Headline, key: str) -> Figure:
     return next(f for f in headline.figures if f.key == key)
 
 
+def printed_rows(block: list[str]) -> tuple[list[list[str]], dict[str, dict[str, str]]]:
+    """A per-row section's text, read back: (each of its tables' row names in order,
+    {row: {column label: cell}}). The table may be split into several (blank-line separated),
+    each with the row-name column first; cells and labels are apart by two spaces or more."""
+    orders: list[list[str]] = []
+    cells: dict[str, dict[str, str]] = {}
+    for table in "\n".join(block).split("\n\n"):
+        header, *rows = [re.split(r" {2,}", line.strip()) for line in table.splitlines()]
+        orders.append([row[0] for row in rows])
+        for row in rows:
+            assert len(row) == len(header), (row, header)
+            assert any(cell != MISSING for cell in row[1:]), (row, header)  # else left out
+            cells.setdefault(row[0], {}).update(zip(header[1:], row[1:], strict=True))
+    return orders, cells
+
+
 def assert_printed(out: str, expected: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Every headline figure is on its line: `label  value`, or a row `row  v1  v2 ...`."""
+    """Every headline figure is printed: `label  value` on its line, or in a per-row table
+    (maybe split in several) the row's cell under the figure's label, MISSING where the row
+    has no such figure; a row is left out only of a table where it has none."""
     lines = out.splitlines()
     for headline in HEADLINES:
-        start = next(i for i, line in enumerate(lines) if line.startswith(headline.title))
-        end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+        title = textwrap.wrap(headline.title, WIDTH)
+        start = next(i for i, line in enumerate(lines) if line == title[0]) + len(title)
+        # The section: its indented lines (the first names stage and metrics) up to the next
+        # title, or the end.
+        end = next((i for i in range(start, len(lines)) if lines[i][:1] not in ("", " ")),
+                   len(lines))
+        while end > start and not lines[end - 1].strip():
+            end -= 1
+        assert lines[start].startswith(f"  ({headline.stage}: "), lines[start]
         block = lines[start + 1:end]
-        for row, values in expected[headline.name].items():
-            if headline.rows is None:
-                for key, value in values.items():
-                    figure = figure_of(headline, key)
-                    text = format(value, figure.fmt)
-                    assert any(re.fullmatch(rf"  {re.escape(figure.label)} +{re.escape(text)}",
-                                            line) for line in block), (figure, text, block)
-            else:  # a column any row has; a row without that figure shows MISSING
-                rows = expected[headline.name].values()
-                columns = [f for f in headline.figures if any(f.key in v for v in rows)]
-                cells = [row] + [format(values[f.key], f.fmt) if f.key in values else MISSING
-                                 for f in columns]
-                assert cells in [line.split() for line in block], (cells, block)
-        if headline.rows is not None:  # numbered rows in numeric order, then named ones
-            shown = [line.split()[0] for line in block[1:]]
-            assert shown == sorted(expected[headline.name], key=lambda r: (
-                (0, int(r), "") if r.isdigit() else (1, 0, r)))
+        rows = expected[headline.name]
+        if headline.rows is None:
+            for key, value in rows[""].items():
+                figure = figure_of(headline, key)
+                text = format(value, figure.fmt)
+                assert any(re.fullmatch(rf"  {re.escape(figure.label)} +{re.escape(text)}",
+                                        line) for line in block), (figure, text, block)
+            continue
+        orders, cells = printed_rows(block)
+        columns = [f for f in headline.figures if any(f.key in v for v in rows.values())]
+        for row, values in rows.items():
+            assert row in cells, (row, block)
+            for f in columns:
+                text = format(values[f.key], f.fmt) if f.key in values else MISSING
+                assert cells[row].get(f.label, MISSING) == text, (row, f, block)
+        # numbered rows in numeric order, then named ones, in each table
+        rank = {r: n for n, r in enumerate(sorted(rows, key=lambda r: (
+            (0, int(r), "") if r.isdigit() else (1, 0, r))))}
+        assert all(order == sorted(order, key=rank.__getitem__) for order in orders), orders
 
 
 def test_report_prints_every_headline_figure(tmp_path, run_cli):
@@ -121,6 +178,7 @@ def test_report_prints_every_headline_figure(tmp_path, run_cli):
     result = run_cli("report", cwd=tmp_path)
     assert result.code == 0, result.err
     assert_printed(result.out, expected)
+    assert max(map(len, result.out.splitlines())) <= WIDTH
     readme = (tmp_path / "report" / "README.md").read_text()
     for headline in HEADLINES:
         assert f"## {headline.title}" in readme
@@ -141,7 +199,7 @@ def test_report_writes_one_deterministic_png_per_plot(tmp_path, run_cli):
     make_project(tmp_path, random.Random())
     assert run_cli("report", "--out", "out", cwd=tmp_path).code == 0
     pngs = sorted((tmp_path / "out").glob("*.png"))
-    assert len(pngs) == 2  # the two top-level plots of the synthetic dvc.yaml
+    assert len(pngs) == 3  # the three top-level plots of the synthetic dvc.yaml
     readme = (tmp_path / "out" / "README.md").read_text()
     first = {}
     for png in pngs:
@@ -286,3 +344,81 @@ def test_a_per_row_headline_merges_a_matrix_stages_files(tmp_path):
     (tmp_path / "m" / "b.json").write_text(json.dumps({"b__ppl": 2.5, "a__ppl": 9.0}))
     with pytest.raises(NewllmError, match=r"m/b\.json repeats 'a__ppl'"):
         read_section(pipeline, headline, tmp_path)
+
+
+def test_the_report_of_the_committed_metrics_fits_a_terminal():
+    """What `newllm report` prints from the repository's metrics/ is at most WIDTH columns
+    (the Infini table alone was 749). report/README.md keeps one Markdown table per section,
+    however wide: it is read rendered, where a table scrolls, not in a terminal."""
+    pipeline = load_pipeline(REPO)
+    sections = [read_section(pipeline, headline, REPO) for headline in HEADLINES]
+    text = terminal_text(sections)
+    assert max(map(len, text.splitlines())) <= WIDTH, max(text.splitlines(), key=len)
+    for headline in HEADLINES:
+        assert textwrap.wrap(headline.title, WIDTH)[0] in text.splitlines()
+
+
+def test_each_line_declares_its_headlines_found_in_report_order():
+    assert [h.name for h in HEADLINES] == REPORT_ORDER
+    for headline in HEADLINES:
+        line = headline.source.split("/")[1]
+        assert headline.source == f"newllm/{line}/headlines.py"
+        assert (REPO / headline.source).is_file()
+    # core names no line, and the report finds the headlines without importing torch
+    for core in ("headlines.py", "report.py"):
+        named = re.findall(r"newllm\.(\w+)", (REPO / "newllm/core" / core).read_text())
+        assert set(named) <= {"core"}, (core, named)
+    code = ("import sys; from newllm.core.headlines import headlines; "
+            "import newllm.core.report; assert len(headlines()) >= 8; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_headline_can_name_one_item_of_a_foreach_stage(tmp_path):
+    """eval-ppl-cvfp@separate: that item's metrics file, its `${item}` / `${key}` resolved."""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "ev": {"foreach": ["separate", "stream"],
+               "do": {"cmd": "true", "metrics": [{"m/ppl_${item}.json": {"cache": False}}]}},
+        "kv": {"foreach": {"a": {"n": 1}, "b": {"n": 2}},
+               "do": {"cmd": "true", "metrics": [{"m/${key}_${item.n}.json": {"cache": False}}]}},
+    }}))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "ppl_separate.json").write_text(json.dumps({"ppl": 1.25}))
+    (tmp_path / "m" / "ppl_stream.json").write_text(json.dumps({"ppl": 9.0}))
+    pipeline = load_pipeline(tmp_path)
+    one = Headline("ppl", "PPL", "ev@separate", (Figure("ppl", "PPL", ".2f"),))
+    assert metrics_files(pipeline, one) == ["m/ppl_separate.json"]
+    assert read_section(pipeline, one, tmp_path).rows == (("", {"ppl": 1.25}),)
+    assert metrics_files(pipeline, Headline("k", "K", "kv@b", ())) == ["m/b_2.json"]
+    with pytest.raises(NewllmError, match="needs a stage with one metrics file"):
+        metrics_files(pipeline, Headline("ppl", "PPL", "ev", one.figures))
+    with pytest.raises(NewllmError, match="names stage 'ev@other'"):
+        metrics_files(pipeline, Headline("ppl", "PPL", "ev@other", one.figures))
+
+
+def test_a_series_whose_x_restarts_is_one_line_per_group(tmp_path):
+    """CVFP phase 1 writes both blocks to one file, the iteration restarting at 0: a line per
+    block, named by the column that tells them apart, not one zigzag back to the start."""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {}}))
+    (tmp_path / "p.csv").write_text("block,iteration,rank\n" + "".join(
+        f"{b},{i},{10 - i + b}\n" for b in (0, 1) for i in range(4)))
+    (tmp_path / "q.csv").write_text("step,rank\n" + "".join(f"{i},{i}\n" for i in range(5)))
+    pipeline = load_pipeline(tmp_path)
+    spec = PlotSpec("Rank", ("p.csv",), {"p.csv": "iteration"}, {"p.csv": ("rank",)})
+    series = plot_data(pipeline, spec, tmp_path)
+    assert [(s.group, s.xs, s.ys) for s in series] == [
+        ("block 0", [0, 1, 2, 3], [10, 9, 8, 7]), ("block 1", [0, 1, 2, 3], [11, 10, 9, 8])]
+    assert plot_png(spec, series).startswith(PNG_MAGIC)
+    plain = PlotSpec("Rank", ("q.csv",), {"q.csv": "step"}, {"q.csv": ("rank",)})
+    assert [s.group for s in plot_data(pipeline, plain, tmp_path)] == [""]
+
+
+def test_a_long_plot_title_is_wrapped_not_clipped():
+    from newllm.core.report import _title
+
+    title = ("Chameleon tag accuracy vs alpha (likelihood scoring; beta and edit ratio scale "
+             "with alpha)")
+    wrapped = _title(title)
+    assert wrapped.replace("\n", " ") == title
+    assert len(wrapped.splitlines()) == 2 and max(map(len, wrapped.splitlines())) <= 64

@@ -204,7 +204,7 @@ def test_train_lm_then_eval_ppl_reversal_and_memory(run_cli, tiny_model, prepare
 
     result = run_cli("eval-memory", *common, "--checkpoint", "lm/model.safetensors",
                      "--data", str(prepared_tiny), "--max-compressions", "4", "--targets", "2",
-                     "--passkey-fillers", "0,2", "--passkey-trials", "2", "--metrics",
+                     "--passkey-fillers", "[0, 2]", "--passkey-trials", "2", "--metrics",
                      "mem.json", "--plot", "mem.csv", cwd=tmp_path)
     assert result.code == 0, result.err
     mem = json.loads((tmp_path / "mem.json").read_text())

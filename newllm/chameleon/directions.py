@@ -111,22 +111,25 @@ def load_directions(path: str | Path, base: dict[str, Any]) -> Directions:
     return Directions(artifact, extra["layers"], extra["direction_scope"], extra["users"])
 
 
-def select_layers(directions: Directions, spec: str, key: str) -> list[str]:
-    """`all`, or a comma-separated subset of the directions' layers (indices or module paths)."""
+def select_layers(directions: Directions, spec: list[int | str] | None, key: str) -> list[str]:
+    """None (all of the directions' layers), or a subset of them: decoder layer indices (as
+    estimate-directions resolved them) or module paths."""
     available = directions.layers
-    if spec.strip() == "all":
+    if spec is None:
         return list(available)
     by_index = {str(meta["layer"]): path for path, meta in available.items()
                 if meta["layer"] is not None}
     chosen = []
-    for name in (s.strip() for s in spec.split(",") if s.strip()):
+    for item in spec:
+        name = str(item).strip()
         path = by_index.get(name, name if name in available else None)
         if path is None:
             listed = ", ".join(f"{m['layer']} ({p})" for p, m in available.items())
-            raise NewllmError(f"{key}: layer {name!r} is not among the layers of "
+            raise NewllmError(f"{key}: layer {item!r} is not among the layers of "
                               f"{directions.artifact.path} ({listed}); choose a subset of them "
-                              "or 'all'.")
+                              "or null (all).")
         chosen.append(path)
     if not chosen:
-        raise NewllmError(f"{key} is empty; give 'all' or a subset of the directions' layers.")
+        raise NewllmError(f"{key} is empty; give null (all) or a subset of the directions' "
+                          "layers.")
     return chosen

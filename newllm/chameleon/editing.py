@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from newllm.core.errors import NewllmError
-from newllm.core.hidden import decoder_of
+from newllm.core.hidden import decoder_of, resolve_decoder_layers
 
 _LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -34,25 +34,21 @@ class Target:
     layer: int | None
 
 
-def resolve_targets(model: torch.nn.Module, spec: str, key: str) -> list[Target]:
-    """`21,29` (decoder layer indices, negative from the end: their `.mlp`) or module paths
-    (`model.layers.21.mlp`), comma-separated; anything else is one clear error naming `key`."""
+def resolve_targets(model: torch.nn.Module, spec: list[int | str], key: str) -> list[Target]:
+    """Decoder layer indices (`[21, 29]`; 0 = the first decoder layer, negative from the end:
+    their `.mlp`) or module paths (`model.layers.21.mlp`), in the order given; anything else
+    is one clear error naming `key`."""
     decoder = decoder_of(model)
     num_layers = len(decoder.layers)
     prefix = next(name for name, module in model.named_modules() if module is decoder)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise NewllmError(f"{key} is empty; give decoder layer indices (e.g. 21,29) or module "
-                          "paths (e.g. model.layers.21.mlp).")
+    names = [s.strip() if isinstance(s, str) else s for s in spec]
+    if not names or "" in names:
+        raise NewllmError(f"{key} must list decoder layer indices (e.g. [21, 29]) or module "
+                          f"paths (e.g. [model.layers.21.mlp]), got {spec!r}.")
     targets = []
     for name in names:
-        if re.fullmatch(r"-?\d+", name):
-            index = int(name)
-            if not -num_layers <= index < num_layers:
-                raise NewllmError(f"{key}: layer {index} is out of range for this "
-                                  f"{num_layers}-layer model; expected a decoder layer index "
-                                  f"in [{-num_layers}, {num_layers - 1}].")
-            index %= num_layers
+        if isinstance(name, int) or re.fullmatch(r"-?\d+", name):
+            index = resolve_decoder_layers([int(name)], num_layers, key)[0]
             targets.append(Target(f"{prefix}.layers.{index}.mlp", index))
             continue
         try:

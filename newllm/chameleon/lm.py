@@ -14,6 +14,7 @@ import torch
 
 from newllm.chameleon.editing import capture_outputs
 from newllm.core.runtime import progress
+from newllm.core.tokens import left_pad
 
 POOLINGS = ("mean", "last")
 
@@ -23,14 +24,6 @@ def _batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -50,7 +43,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
     out: list[list[int]] = [[] for _ in prompts]
     batches = list(_batches([len(p) for p in prompts], batch_size))
     for number, rows in enumerate(progress(batches, desc, unit="batch")):
-        ids, mask, _ = _left_pad([prompts[i] for i in rows], pad_id, device)
+        ids, mask, _ = left_pad([prompts[i] for i in rows], pad_id, device)
         if row_hook is not None:
             row_hook(rows)
         if do_sample:

@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from newllm import __version__
 from newllm.core.errors import NewllmError
+from newllm.core.outputs import safetensors_header, temp_prefix
 
 METADATA_KEY = "newllm"
 _UMASK = os.umask(0)
@@ -49,12 +50,31 @@ def _make_parent(path: Path) -> None:
                           "file, expected a folder.") from None
 
 
+def _check_target(path: Path, folder: bool) -> None:
+    """The last guard before a write (stages check their outputs up front, in
+    newllm/core/outputs.py): never a nameless path, never a folder where a file goes or a
+    file where a folder goes."""
+    if not path.name or path.name in (".", ".."):
+        raise NewllmError(f"cannot write {path}: expected a path with a name, not a folder "
+                          "such as '.'.")
+    if folder and (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise NewllmError(f"cannot write the folder {path}: a file is there; nothing was "
+                          "changed.")
+    if not folder and path.is_dir():
+        raise NewllmError(f"cannot write {path}: a folder is there, expected a file; nothing "
+                          "was changed.")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary, `.NAME.PID.XXXXXXXX.tmp`, is removed on any failure; one a killed run
+    left is removed when a stage with this output starts again (core/outputs.py)."""
     path = Path(path)
+    _check_target(path, folder=False)
     _make_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -67,23 +87,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    The old folder is first moved into a fresh temporary of its own (a unique name, so no
+    file of the user's is ever in the way), then removed; every temporary is removed on any
+    failure, and one a killed run left is removed when the stage starts again."""
     path = Path(path)
+    _check_target(path, folder=True)
     _make_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    holder: Path | None = None
     try:
         yield tmp
         tmp.chmod(0o777 & ~_UMASK)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        _check_target(path, folder=True)
+        if path.is_dir():
+            holder = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp",
+                                           dir=path.parent))
+            os.replace(path, holder / "old")
+        os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for folder in (tmp, holder):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -193,7 +219,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except Exception:
-        raise NewllmError(f"{path} is not a safetensors file (newllm never unpickles).") from None
+        raise NewllmError(_unreadable(path)) from None
     if raw is None:
         raise NewllmError(f"{path} has no newllm metadata; it was not written by newllm.")
     return json.loads(raw)
@@ -236,6 +262,32 @@ def check_same_base(path: Path, made_with: dict[str, Any] | None, expected: dict
             f"({what} {str(made_with.get(key))[:12]}) but the base model now is "
             f"'{expected['model_id']}' ({what} {str(expected.get(key))[:12]}); "
             f"re-run the stage that made it.")
+
+
+def _unreadable(path: Path) -> str:
+    """Why a `.safetensors` file cannot be read: cut short (its size) or not one at all."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})."
+    if len(head) == 8 and safetensors_header(path) is None:
+        length = int.from_bytes(head, "little")
+        if length < 100_000_000 and (size < 8 + length or _header_is_json(path, length)):
+            return (f"{path} is truncated or unreadable ({size:,} bytes, shorter than its "
+                    "header says); re-run the stage that makes it.")
+    return (f"{path} is not a safetensors file ({size:,} bytes; newllm never unpickles); "
+            "re-run the stage that makes it.")
+
+
+def _header_is_json(path: Path, length: int) -> bool:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(8)
+            return isinstance(json.loads(handle.read(length)), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _check_exists(path: Path) -> None:

@@ -226,6 +226,9 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# the vocabulary files one of which a tokenizer folder holds (fast, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 # tokenizer_config.json classes that are the generic fast tokenizer over tokenizer.json
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -251,6 +254,12 @@ def load_tokenizer(model: str) -> tuple[Any, BaseInfo]:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source = _resolve(model)
+    if source.gguf_file is None and not any((source.folder / name).is_file()
+                                            for name in TOKENIZER_FILES):
+        raise NewllmError(f"base.model '{model}': the folder {source.folder} has no tokenizer "
+                          f"files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                          "beside the weights (tokenizer.save_pretrained) or name a folder "
+                          "that has one.")
     try:
         if _generic_fast_tokenizer(source):
             # the class AutoTokenizer would pick, loaded directly: AutoTokenizer first imports

@@ -51,6 +51,24 @@ def stage_default(params_class: type, key: str) -> Any:
     """A stage's own default (params.yaml agrees with it; tests/test_params_defaults.py)."""
     return {spec.name: spec.default for spec in field_specs(params_class)}[key]
 
+
+def stage_checked(params_class: type, **values: tuple[str, Any]) -> Any:
+    """Check bench options by the stage's own rules: `key=(option, value)` for each option
+    that sets the stage's `key`. A value the stage refuses is the same one-line error here,
+    naming the bench option and the stage key (type, range, choices, then the dataclass's
+    `check()`); returns the stage's params object with those values."""
+    from newllm.core.params import check_value, group_name
+
+    specs = {spec.name: spec for spec in field_specs(params_class)}
+    group = group_name(params_class)
+    checked = {key: check_value(specs[key], value, f"option {option} (as {group}.{key})")
+               for key, (option, value) in values.items()}
+    params = params_class(**checked)
+    check = getattr(params, "check", None)
+    if check is not None:
+        check()
+    return params
+
 def gemm_peak_gflops(shapes: set[tuple[int, int]], rows: int, dtype: torch.dtype,
                      seconds: float = 0.3) -> float:
     """The best GFLOP/s of [rows, k] @ [k, n] over the model's (k, n) weight shapes."""

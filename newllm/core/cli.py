@@ -20,12 +20,15 @@ import yaml
 from click.core import ParameterSource
 
 from newllm.core.errors import NewllmError
+from newllm.core.outputs import check_outputs
 from newllm.core.params import (
     build_params,
     field_specs,
     group_name,
     read_params_file,
     read_run,
+    run_names,
+    warn_unknown_groups,
 )
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -75,6 +78,14 @@ class LazyGroup(click.Group):
         return self.commands.get(name)
 
 
+def _number(text: str) -> Any:
+    """`1e-3` as a float (YAML 1.1 wants `1.0e-3`); any other text stays text."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _yaml_value(spec: Any) -> Callable[[Any, Any, Any], Any]:
     """An option's text as its params.yaml value would be written (`null`, `false`, `[1, 2]`);
     a string parameter takes the text as it is (or `null` where it may be null). The value is
@@ -89,6 +100,10 @@ def _yaml_value(spec: Any) -> Callable[[Any, Any, Any], Any]:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise click.BadParameter(f"{value!r} is not a YAML value") from None
+        if isinstance(parsed, str) and (spec.base is float or spec.item is float):
+            parsed = _number(parsed)  # YAML 1.1 reads `1e-3` as text
+        if spec.base is list and isinstance(parsed, list) and spec.item is float:
+            parsed = [_number(v) if isinstance(v, str) else v for v in parsed]
         if spec.base is list and not isinstance(parsed, list) and parsed is not None:
             parsed = [parsed]  # one element without brackets
         return parsed
@@ -110,13 +125,19 @@ def _option_for(spec: Any, group: str) -> Callable:
                         callback=_yaml_value(spec))
 
 
-def stage_command(name: str, *param_classes: type, help: str, runs: str | None = None
-                  ) -> Callable:
+def stage_command(name: str, *param_classes: type, help: str, runs: str | None = None,
+                  reads_runs: tuple[str, ...] = ()) -> Callable:
     """Make `fn(*params_objects)` a `newllm <name>` command with an option per parameter.
 
     With `runs`, the command also takes `--run NAME`: the keys of `<runs>.NAME` in params.yaml
     override the stage's groups (dvc.yaml's foreach over that group passes only the name), and
     the command line overrides both.
+
+    With `reads_runs` (names of run groups, e.g. `("compressor_runs",)`), the stage reads the
+    run names of each such params group: `fn` is called with the keyword argument of the
+    group's name, the list of its run names in file order (`run_names`; a missing or empty
+    group is a one-line error). A report stage reads the runs the pipeline made from there
+    instead of keeping a copy; its dvc.yaml `params:` lists the group too.
     """
 
     def decorate(fn: Callable) -> click.Command:
@@ -130,8 +151,11 @@ def stage_command(name: str, *param_classes: type, help: str, runs: str | None =
                 raise NewllmError(f"--params {params_file}: no such file; expected a params "
                                   "YAML file.")
             file_groups = read_params_file(params_file)
+            warn_unknown_groups(file_groups, str(params_file))
             run = options.pop("run", None)
             run_values = read_run(file_groups, runs, run, param_classes, str(params_file))
+            run_lists = {group: run_names(file_groups, group, str(params_file))
+                         for group in reads_runs}
             built = []
             for cls in param_classes:
                 names = {s.name for s in field_specs(cls)}
@@ -141,7 +165,9 @@ def stage_command(name: str, *param_classes: type, help: str, runs: str | None =
                                           source=str(params_file),
                                           run={k: v for k, v in run_values.items()
                                                if k in names}, run_name=f"{runs}.{run}"))
-            fn(*built)
+            # Every output is checked (and its stale temporaries removed) before any work.
+            check_outputs(built)
+            fn(*built, **run_lists)
 
         seen: set[str] = set()
         for cls in reversed(param_classes):
@@ -154,7 +180,11 @@ def stage_command(name: str, *param_classes: type, help: str, runs: str | None =
             command = click.option("--run", "run", default=None, metavar="NAME",
                                    help=f"A named run of params group `{runs}`: its keys "
                                         "override the stage's own.")(command)
-        return cli.command(name, help=help)(command)
+        made = cli.command(name, help=help)(command)
+        made.param_classes = param_classes  # type: ignore[attr-defined]  # for tests and tools
+        made.runs = runs  # type: ignore[attr-defined]
+        made.reads_runs = reads_runs  # type: ignore[attr-defined]
+        return made
 
     return decorate
 

@@ -10,6 +10,7 @@ above it nor the LM head are computed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from newllm.core.errors import NewllmError
 class _StopForward(Exception):
     """Raised by the hook to leave the forward pass early, carrying the wanted output."""
 
-    def __init__(self, output: torch.Tensor) -> None:
+    def __init__(self, output: Any) -> None:
         super().__init__()
         self.output = output
 
@@ -43,6 +44,18 @@ def resolve_layer_index(layer_index: int, num_layers: int, key: str = "layer_ind
     return layer_index % (num_layers + 1)
 
 
+def resolve_decoder_layers(layers: Sequence[int], num_layers: int, key: str) -> list[int]:
+    """Decoder layer indices in [-L, L-1] (0 = the first decoder layer, not the embeddings;
+    negative from the last) as sorted distinct indices in [0, L-1]; else a one-line
+    NewllmError naming `key` (a hidden-states index is `resolve_layer_index`'s)."""
+    for value in layers:
+        if not -num_layers <= value < num_layers:
+            raise NewllmError(f"{key} must hold decoder layer indices in [{-num_layers}, "
+                              f"{num_layers - 1}] for this {num_layers}-layer model (0 = the "
+                              f"first decoder layer, -1 = the last), got {value}.")
+    return sorted({value % num_layers for value in layers})
+
+
 def module_for_layer(model: torch.nn.Module, resolved: int) -> torch.nn.Module:
     """The module whose output is hidden state `resolved` (an index in [0, L])."""
     decoder = decoder_of(model)
@@ -60,15 +73,28 @@ def hidden_states_at(model: torch.nn.Module, input_ids: torch.Tensor,
     """Hidden states [B, T, d] at `layer_index`, computing nothing above that layer."""
     decoder = decoder_of(model)
     resolved = resolve_layer_index(layer_index, len(decoder.layers), key)
+    return stop_at(module_for_layer(model, resolved), lambda: decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
 
-    def stop(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
-    handle = module_for_layer(model, resolved).register_forward_hook(stop)
+def _output_tensor(_args: tuple, _kwargs: dict, output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def stop_at(module: torch.nn.Module, forward: Callable[[], Any],
+            capture: Callable[[tuple, dict, Any], Any] = _output_tensor) -> Any:
+    """Run `forward()` only until `module` has returned: a hook raises there, so nothing
+    after it is computed. Returns `capture(args, kwargs, output)` of that call of `module`
+    (default: its output tensor, the first element of a tuple)."""
+
+    def stop(_module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        raise _StopForward(capture(args, kwargs, output))
+
+    handle = module.register_forward_hook(stop, with_kwargs=True)
     try:
-        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        forward()
     except _StopForward as stopped:
         return stopped.output
     finally:
         handle.remove()
-    raise RuntimeError(f"the forward pass never reached hidden state {resolved}")
+    raise RuntimeError(f"the forward pass never reached {type(module).__name__}")

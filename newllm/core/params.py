@@ -10,6 +10,9 @@ is a one-line error naming the file (or option) and the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,9 +33,19 @@ def param(
     min: float | None = None,
     max: float | None = None,
     choices: tuple[str, ...] | None = None,
+    output: str | None = None,
 ) -> Any:
-    """Declare a parameter: its default, a help line and its allowed range or choices."""
+    """Declare a parameter: its default, a help line and its allowed range or choices.
+
+    `output` marks a path the stage writes, by kind (newllm/core/outputs.py: "metrics",
+    "plot", "artifact", "dir", "container"); the stage checks it before any work starts."""
     meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if output is not None:
+        from newllm.core.outputs import KINDS
+
+        if output not in KINDS:
+            raise ValueError(f"unknown output kind {output!r} (kinds: {', '.join(KINDS)})")
+        meta["output"] = output
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -58,7 +71,7 @@ class FieldSpec:
 
     name: str
     base: type  # int, float, str, bool or list
-    item: type | None  # a list's element type: int, float or str
+    item: Any  # a list's element type: int, float, str or int | str (an index or a name)
     optional: bool
     help: str
     min: float | None
@@ -68,7 +81,8 @@ class FieldSpec:
 
     def describe(self) -> str:
         kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-        lists = {int: "a list of integers", float: "a list of numbers", str: "a list of strings"}
+        lists = {int: "a list of integers", float: "a list of numbers", str: "a list of strings",
+                 int | str: "a list of integers or strings"}
         text = lists[self.item] if self.base is list else kinds[self.base]
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
@@ -132,7 +146,7 @@ def check_value(spec: FieldSpec, value: Any, where: str) -> Any:
     return value
 
 
-def _is(kind: type | None, value: Any) -> bool:
+def _is(kind: Any, value: Any) -> bool:
     """Whether a list element fits its element type (ints count as numbers, never bools)."""
     if isinstance(value, bool):
         return False
@@ -152,6 +166,38 @@ def read_params_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise NewllmError(f"{path}: expected a mapping of parameter groups at the top level.")
     return data
+
+
+# dvc.yaml's own top-level keys, should a params file hold them too
+DVC_KEYS = ("stages", "vars", "metrics", "plots", "params", "artifacts", "datasets")
+
+
+@functools.cache
+def known_groups() -> tuple[str, ...]:
+    """Every params group newllm reads: the groups the params dataclasses declare and the run
+    groups (`*_runs`) the stages read, found in the package's source without importing it (a
+    stage must not pay for importing every line), plus the groups dvc.yaml interpolates."""
+    package = Path(__file__).resolve().parent.parent
+    found: set[str] = set()
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        found.update(re.findall(r'^\s+group = "(\w+)"', text, flags=re.M))
+        found.update(re.findall(r'"(\w+_runs)"', text))
+    dvc = Path("dvc.yaml")
+    if dvc.is_file():
+        found.update(set(re.findall(r"\$\{\s*(\w+)", dvc.read_text(encoding="utf-8")))
+                     - {"item", "key"})  # foreach's own names
+    return tuple(sorted(found))
+
+
+def warn_unknown_groups(file_groups: dict[str, Any], source: str) -> None:
+    """One stderr line naming the top-level groups of a params file no stage reads (a
+    misspelled group would otherwise be ignored without a word) and the known ones."""
+    known = known_groups()
+    unknown = [str(g) for g in file_groups if g not in known and g not in DVC_KEYS]
+    if unknown:
+        print(f"warning: {source}: unknown parameter group(s) {', '.join(unknown)} are "
+              f"ignored (known groups: {', '.join(known)})", file=sys.stderr)
 
 
 def read_run(file_groups: dict[str, Any], runs: str | None, run: str | None,
@@ -177,14 +223,28 @@ def read_run(file_groups: dict[str, Any], runs: str | None, run: str | None,
     return values
 
 
-def run_names(file_groups: dict[str, Any], runs: str, source: str) -> list[str]:
-    """The run names of params group `runs`, in file order; a one-line error if it is missing
-    or empty (report stages read the runs the pipeline made from here)."""
+class RunNames(list):  # type: ignore[type-arg]
+    """The run names of a runs group in file order (a plain list of str), and `changes`:
+    {run name: the keys that run changes}."""
+
+    changes: dict[str, dict[str, Any]]
+
+
+def run_names(file_groups: dict[str, Any], runs: str, source: str) -> RunNames:
+    """The run names of params group `runs`, in file order, with the keys each changes
+    (`.changes`); a one-line error if it is missing, empty, or a run is not a mapping (report
+    stages read the runs the pipeline made from here)."""
     group = file_groups.get(runs)
     if not isinstance(group, dict) or not group:
         raise NewllmError(f"{source}: expected params group '{runs}' to map run names to the "
                           "keys they change.")
-    return [str(name) for name in group]
+    names = RunNames(str(name) for name in group)
+    names.changes = {}
+    for name, values in group.items():
+        if values is not None and not isinstance(values, dict):
+            raise NewllmError(f"{source}: {runs}.{name} must be a mapping of keys to values.")
+        names.changes[str(name)] = dict(values or {})
+    return names
 
 
 def build_params(cls: type[P], file_values: dict[str, Any] | None, overrides: dict[str, Any],

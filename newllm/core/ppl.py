@@ -66,9 +66,10 @@ def nll_from_logits(scorer: Scorer, input_ids: torch.Tensor, keep: int,
                            labels.reshape(-1).to(logits.device), reduction="sum")
 
 
-# eval-ppl's `model_kind`: "module:function" of a loader `(base_params, checkpoint) -> Scorer`,
-# imported only when asked for (as cli.COMMANDS), so a line of research adds one entry here.
-MODEL_KINDS: dict[str, str] = {
+# eval-ppl's (and eval-reversal's) `model_kind`: "module:function" of a scorer loader
+# `(base_params, checkpoint) -> Scorer`, imported only when asked for (as cli.COMMANDS), so a
+# line of research adds one entry here.
+SCORER_KINDS: dict[str, str] = {
     "hf": "newllm.core.ppl:load_hf_scorer",
     "infini-lm": "newllm.infini.training:load_infini_scorer",
     "cvfp": "newllm.cvfp.scorer:load_cvfp_scorer",
@@ -80,10 +81,10 @@ HEAD_CHUNK = 512  # scored positions per LM-head call: 512 x 49k float32 logits 
 
 def load_scorer(kind: str, base_params: Any, checkpoint: str | None) -> Scorer:
     """The scorer of eval-ppl's `model_kind`, reading `checkpoint` for a trained kind."""
-    if kind not in MODEL_KINDS:
+    if kind not in SCORER_KINDS:
         raise NewllmError(f"eval_ppl.model_kind '{kind}' is unknown; known kinds: "
-                          f"{', '.join(sorted(MODEL_KINDS))}.")
-    module, _, function = MODEL_KINDS[kind].partition(":")
+                          f"{', '.join(sorted(SCORER_KINDS))}.")
+    module, _, function = SCORER_KINDS[kind].partition(":")
     return getattr(importlib.import_module(module), function)(base_params, checkpoint)
 
 

@@ -3,8 +3,9 @@
 Reads the metrics files and plot data that `dvc.yaml` declares (with `${...}`
 resolved against params.yaml and `matrix`/`foreach` stages expanded by a small
 resolver here: DVC's own index costs about a second to load), prints one table
-per `newllm.core.headlines.HEADLINES` entry, and writes `<out>/README.md` (the same
-tables in Markdown, plots embedded) with one PNG per top-level `plots:` entry.
+per headline that the lines declare (`newllm.core.headlines.headlines()`, each line's
+`newllm/<line>/headlines.py`), at most `WIDTH` columns wide, and writes `<out>/README.md`
+(the same tables in Markdown, plots embedded) with one PNG per top-level `plots:` entry.
 `--json` prints the figures as one JSON object and writes nothing.
 
 Not a DVC stage: it reads outputs of the whole pipeline and is the last step of a run.
@@ -17,6 +18,7 @@ import io
 import itertools
 import json
 import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +28,15 @@ import click
 import yaml
 
 from newllm.core.errors import NewllmError
-from newllm.core.headlines import HEADLINES, Figure, Headline
+from newllm.core.headlines import Figure, Headline, headlines
+from newllm.core.outputs import check_output
 
 DVC_FILE = Path("dvc.yaml")
 PARAMS_FILE = Path("params.yaml")
 _REF = re.compile(r"(?<!\\)\$\{\s*([^}]+?)\s*\}")
 _REPORT_FILES = re.compile(r"README\.md|[a-z0-9-]+\.png")  # what a report folder may hold
 MISSING = "-"
+WIDTH = 100  # columns of the printed report: a terminal's, not a wide screen's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +61,7 @@ class PlotSpec:
     files: tuple[str, ...]
     x: dict[str, str | None]  # file -> x column (None: the row index, as DVC's `step`)
     y: dict[str, tuple[str, ...]]  # file -> y columns (empty: the last column)
+    template: str = "linear"  # DVC's template name: bar_* draw bars, anything else lines
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def _plot_spec(entry: Any, root: Path, declared: list[str]) -> PlotSpec:
             expanded[found] = columns
     x = config.get("x")
     xs = {f: (x.get(f) if isinstance(x, dict) else x) for f in expanded}
-    return PlotSpec(title, tuple(files), xs, expanded)
+    return PlotSpec(title, tuple(files), xs, expanded, str(config.get("template") or "linear"))
 
 
 def producing_stage(pipeline: Pipeline, path: str) -> str:
@@ -249,19 +254,24 @@ class Section:
     rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, {key: value})
 
 
+def _declared(headline: Headline) -> str:
+    return headline.source or "newllm/<line>/headlines.py"
+
+
 def metrics_files(pipeline: Pipeline, headline: Headline) -> list[str]:
-    """The metrics file(s) a headline reads: its stage's one file, or for a per-row headline
-    on a matrix stage, each combination's one file (their keys merged into one table)."""
+    """The metrics file(s) a headline reads: its stage's one file (a foreach/matrix item named
+    whole, `eval-ppl-cvfp@separate`, is one stage, its paths resolved for that item), or for
+    a per-row headline on a matrix stage, each combination's one file (their keys merged)."""
     stages = [s for s in pipeline.stages if headline.stage in (s.group, s.name)]
     if not stages:
-        raise NewllmError(f"newllm/headlines.py: '{headline.name}' names stage "
+        raise NewllmError(f"{_declared(headline)}: '{headline.name}' names stage "
                           f"'{headline.stage}', which {DVC_FILE} does not have.")
     paths = sorted({m for s in stages for m in s.metrics})
     per_combination = (headline.rows is not None and len(stages) > 1
                        and all(len(s.metrics) == 1 for s in stages))
     if len(paths) != 1 and not per_combination:
-        raise NewllmError(f"newllm/headlines.py: '{headline.name}' needs a stage with one metrics "
-                          f"file; {headline.stage} has {len(paths)} ({', '.join(paths)}).")
+        raise NewllmError(f"{_declared(headline)}: '{headline.name}' needs a stage with one "
+                          f"metrics file; {headline.stage} has {len(paths)} ({', '.join(paths)}).")
     return paths
 
 
@@ -328,7 +338,7 @@ def formatted(figure: Figure, value: Any, path: str = "") -> str:
         return format(value, figure.fmt)
     except (TypeError, ValueError):
         raise NewllmError(f"{path}: '{figure.key}' is {value!r}, which does not print as "
-                          f"'{figure.fmt}' (newllm/headlines.py).") from None
+                          f"'{figure.fmt}' (newllm/<line>/headlines.py).") from None
 
 
 def section_json(section: Section) -> dict[str, Any]:
@@ -352,18 +362,54 @@ def _table(section: Section) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
+def _sources(section: Section) -> str:
+    """Where a section's figures come from, short: a matrix stage's files by their folder."""
+    paths = section.path.split(", ")
+    parents = {str(Path(p).parent) for p in paths}
+    where = (f"{len(paths)} files in {parents.pop()}/" if len(paths) > 1 and len(parents) == 1
+             else section.path)
+    return f"({section.headline.stage}: {where})"
+
+
+def _column_groups(widths: list[int], width: int = WIDTH) -> list[list[int]]:
+    """Column indexes (after the row-name column 0) in groups that each fit `width` with
+    column 0 repeated in front; a column wider than that on its own gets a group alone."""
+    groups: list[list[int]] = [[]]
+    used = 2 + widths[0]
+    for i in range(1, len(widths)):
+        if groups[-1] and used + 2 + widths[i] > width:
+            groups.append([])
+            used = 2 + widths[0]
+        groups[-1].append(i)
+        used += 2 + widths[i]
+    return groups
+
+
 def terminal_text(sections: list[Section]) -> str:
+    """The sections as text at most `WIDTH` columns wide (but for a single word longer than
+    that): titles and long values wrapped, a per-row table too wide for one block printed as
+    several narrower ones, the row names repeated in each (a row only where it has a figure)."""
     blocks = []
     for section in sections:
         header, cells = _table(section)
-        lines = [f"{section.headline.title}  ({section.headline.stage}: {section.path})"]
+        lines = textwrap.wrap(section.headline.title, WIDTH)
+        lines += textwrap.wrap(_sources(section), WIDTH, initial_indent="  ",
+                               subsequent_indent="    ", break_on_hyphens=False)
         if section.headline.rows is None:
             width = max(len(row[0]) for row in cells)
-            lines += [f"  {label.ljust(width)}  {value}" for label, value in cells]
+            room = max(WIDTH - 4 - width, 20)
+            for label, value in cells:
+                parts = textwrap.wrap(value, room, break_on_hyphens=False) or [value]
+                lines.append(f"  {label.ljust(width)}  {parts[0]}")
+                lines += [" " * (4 + width) + part for part in parts[1:]]
         else:
             widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
-            lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
-                      for r in [header, *cells]]
+            for n, group in enumerate(_column_groups(widths)):
+                # A row with no figure among these columns is left out of this block.
+                shown = [r for r in cells if any(r[i] != MISSING for i in group)]
+                lines += [""] if n else []
+                lines += ["  " + "  ".join(r[i].rjust(widths[i]) for i in [0, *group])
+                          for r in [header, *shown]]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -428,14 +474,42 @@ def _number(value: Any) -> Any:
         return value  # a category (drawn in order of appearance)
 
 
-def plot_data(pipeline: Pipeline, spec: PlotSpec, root: Path = Path(".")
-              ) -> list[tuple[str, str, list[Any], list[Any]]]:
-    """(file, y column, x values, y values) of every line of a plot."""
+@dataclass(frozen=True)
+class Series:
+    """One drawn line (or set of bars): a y column of a file, or one group of its rows."""
+
+    file: str
+    column: str
+    xs: list[Any]
+    ys: list[Any]
+    group: str = ""  # "block 1": the rows of one group where the x values restart
+
+
+def _groups(records: list[dict[str, Any]], xs: list[Any], used: set[str]
+            ) -> list[tuple[str, slice]]:
+    """The rows as groups: a new one wherever a numeric x fails to increase (phase 1's
+    iteration restarting at each block), named by the column that is constant within each
+    group and differs between them (`block 1`); one unnamed group if x never restarts."""
+    if len(xs) < 4 or not all(isinstance(x, float) for x in xs):
+        return [("", slice(None))]
+    starts = [0] + [i for i in range(1, len(xs)) if xs[i] <= xs[i - 1]] + [len(xs)]
+    spans = [slice(a, b) for a, b in itertools.pairwise(starts)]
+    if len(spans) == 1 or any(span.stop - span.start < 2 for span in spans):
+        return [("", slice(None))]
+    for column in [c for c in records[0] if c not in used]:
+        values = [{str(r[column]) for r in records[span]} for span in spans]
+        if all(len(v) == 1 for v in values) and len({v.pop() for v in values}) == len(spans):
+            return [(f"{column} {records[span.start][column]}", span) for span in spans]
+    return [(f"part {n}", span) for n, span in enumerate(spans, 1)]
+
+
+def plot_data(pipeline: Pipeline, spec: PlotSpec, root: Path = Path(".")) -> list[Series]:
+    """Every series of a plot: per file, per y column, per group of rows (see `_groups`)."""
     if not spec.y:
         stage = producing_stage(pipeline, spec.files[0]) if spec.files else ""
         raise NewllmError(f"plot '{spec.title}': {', '.join(spec.files)} holds no data; "
                           f"{_run_hint(stage)}.")
-    lines = []
+    series = []
     for path, columns in spec.y.items():
         records = _read_table(path, root, producing_stage(pipeline, path))
         if not records:
@@ -449,43 +523,98 @@ def plot_data(pipeline: Pipeline, spec: PlotSpec, root: Path = Path(".")
                                   f"{DVC_FILE}); it has {', '.join(fields)}.")
         xs = ([_number(r[x_column]) for r in records] if x_column
               else list(range(len(records))))
-        for column in columns or fields[-1:]:  # DVC's default y is the last column
-            lines.append((path, column, xs, [_number(r[column]) for r in records]))
-    return lines
+        drawn = list(columns or fields[-1:])  # DVC's default y is the last column
+        groups = (_groups(records, xs, {x_column or "", *drawn})
+                  if not spec.template.startswith("bar") else [("", slice(None))])
+        for column in drawn:
+            ys = [_number(r[column]) for r in records]
+            series += [Series(path, column, xs[span], ys[span], group)
+                       for group, span in groups]
+    return series
 
 
-def plot_png(spec: PlotSpec, lines: list[tuple[str, str, list[Any], list[Any]]]) -> bytes:
+def _title(text: str) -> str:
+    # About 64 characters fit the width of the figure at the title's size: wrap, never clip.
+    return textwrap.fill(text, 64, break_on_hyphens=False)
+
+
+def _draw_bars(axes: Any, spec: PlotSpec, series: list[Series]) -> None:
+    """DVC's bar templates: bar_horizontal* has the value on x and the category on y."""
+    horizontal = spec.template.startswith("bar_horizontal")
+    pairs = [(s, list(zip(s.ys, s.xs, strict=True)) if horizontal
+              else list(zip(s.xs, s.ys, strict=True))) for s in series]
+    categories = list(dict.fromkeys(str(c) for _, cv in pairs for c, _ in cv))
+    shared = sum(len(cv) for _, cv in pairs) > len(categories)  # several series per category
+    files = list(dict.fromkeys(s.file for s in series))
+    columns = list(dict.fromkeys(s.column for s in series))
+    size = 0.8 / len(pairs) if shared else 0.8
+    for n, (one, cv) in enumerate(pairs):
+        at = [categories.index(str(c)) + ((n - (len(pairs) - 1) / 2) * size if shared else 0)
+              for c, _ in cv]
+        values = [v for _, v in cv]
+        name = " ".join(([Path(one.file).stem] if len(files) > 1 else [])
+                        + ([one.column] if len(columns) > 1 else []))
+        draw = axes.barh if horizontal else axes.bar
+        bars = draw(at, values, size, color=f"C{n % 10 if shared else 0}",
+                    label=name if shared else None)
+        axes.bar_label(bars, fmt="%.4g", fontsize=7, padding=2)
+    ticks, labels = range(len(categories)), categories
+    if horizontal:
+        axes.set_yticks(ticks, labels)
+        axes.invert_yaxis()  # the first row on top, as the file reads
+        axes.margins(x=0.12)  # room for the value labels
+    else:
+        axes.set_xticks(ticks, labels, rotation=30, ha="right")
+        axes.margins(y=0.12)
+    value_name = spec.x.get(series[0].file) if horizontal else series[0].column
+    axes.set_xlabel(value_name or "value") if horizontal else axes.set_ylabel(value_name)
+    axes.set_ylabel(series[0].column) if horizontal else axes.set_xlabel(
+        spec.x.get(series[0].file) or "step")
+    axes.grid(alpha=0.3, axis="x" if horizontal else "y")
+    if shared:
+        axes.legend(fontsize=7)
+
+
+def plot_png(spec: PlotSpec, series: list[Series]) -> bytes:
     """One PNG, byte-identical for the same data (no Software/date metadata)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure as MplFigure
 
-    files = list(dict.fromkeys(line[0] for line in lines))
-    columns = list(dict.fromkeys(line[1] for line in lines))
+    files = list(dict.fromkeys(s.file for s in series))
+    columns = list(dict.fromkeys(s.column for s in series))
+    # A colour per file and group when there are several (runs, blocks), a line style per
+    # column among them; else a colour per column.
+    owners = list(dict.fromkeys((s.file, s.group) for s in series))
+    many = len(owners) > 1
     styles = ["-", "--", ":", "-."]
+    outside = not spec.template.startswith("bar") and len(series) > 4  # legend beside the axes
     defaults = {k: v for k, v in matplotlib.rcParamsDefault.items() if k != "backend"}
     with matplotlib.rc_context(defaults):  # the same look whatever the user's matplotlibrc
-        figure = MplFigure(figsize=(7.5, 4.5), dpi=100)
+        figure = MplFigure(figsize=(9.0 if outside else 7.5, 4.5), dpi=100, layout="constrained")
         axes = figure.subplots()
-        for path, column, xs, ys in lines:
-            # One file: a colour per column. Several (a folder of runs): a colour per file
-            # and a line style per column, so the runs stay readable.
-            many = len(files) > 1
-            name = [Path(path).stem] if many else []
-            name += [column] if len(columns) > 1 or not name else []
-            colour = files.index(path) if many else columns.index(column)
-            axes.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3,
-                      color=f"C{colour % 10}",
-                      linestyle=styles[columns.index(column) % len(styles)] if many else "-",
-                      label=" ".join(name))
-        x_names = {spec.x.get(p) or "step" for p in files}
-        axes.set_xlabel(x_names.pop() if len(x_names) == 1 else "x")
-        axes.set_ylabel(columns[0] if len(columns) == 1 else "value")
-        axes.set_title(spec.title)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1)
-        figure.tight_layout()
+        axes.set_title(_title(spec.title), fontsize=11)
+        if spec.template.startswith("bar"):
+            _draw_bars(axes, spec, series)
+        else:
+            for one in series:
+                name = [Path(one.file).stem] if len(files) > 1 else []
+                name += [one.group] if one.group else []
+                name += [one.column] if len(columns) > 1 or not name else []
+                colour = owners.index((one.file, one.group)) if many else columns.index(one.column)
+                axes.plot(one.xs, one.ys, marker="o" if len(one.xs) < 12 else None, markersize=3,
+                          color=f"C{colour % 10}",
+                          linestyle=styles[columns.index(one.column) % len(styles)] if many
+                          else "-", label=" ".join(name))
+            x_names = {spec.x.get(p) or "step" for p in files}
+            axes.set_xlabel(x_names.pop() if len(x_names) == 1 else "x")
+            axes.set_ylabel(columns[0] if len(columns) == 1 else "value")
+            axes.grid(alpha=0.3)
+            if outside:
+                figure.legend(loc="outside right upper", fontsize=7)
+            elif len(series) > 1:  # one line: its name is the y label already
+                axes.legend(fontsize=7)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -501,14 +630,9 @@ def png_name(title: str, taken: set[str]) -> str:
 
 
 def _check_out(out: Path) -> None:
-    # The folder is replaced whole: refuse one holding anything a report did not write.
-    if out.exists() and not out.is_dir():
-        raise NewllmError(f"--out {out} is a file; expected a folder for the report.")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not _REPORT_FILES.fullmatch(p.name))
-        if foreign:
-            raise NewllmError(f"--out {out} holds files newllm report did not write "
-                              f"({', '.join(foreign[:3])}); choose an empty or report folder.")
+    # The folder is replaced whole: refuse one holding anything a report did not write (the
+    # stages' own output guard, with a report folder's names).
+    check_output(out, "dir", "--out", only=_REPORT_FILES, writer="newllm report")
 
 
 @click.command("report")
@@ -520,10 +644,10 @@ def report(out: str, as_json: bool) -> None:
     """Print the headline figures of every line of research; write them with the plots.
 
     Figures come from the metrics files of the dvc.yaml stages that
-    newllm/headlines.py names; plots are dvc.yaml's top-level `plots`.
+    each line's newllm/<line>/headlines.py names; plots are dvc.yaml's top-level `plots`.
     """
     pipeline = load_pipeline()
-    sections = [read_section(pipeline, headline) for headline in HEADLINES]
+    sections = [read_section(pipeline, headline) for headline in headlines()]
     if as_json:
         click.echo(json.dumps({s.headline.name: section_json(s) for s in sections}, indent=2))
         return
@@ -541,5 +665,7 @@ def report(out: str, as_json: bool) -> None:
         for _, name, data in pngs:
             (tmp / name).write_bytes(data)
     click.echo(terminal_text(sections))
-    click.echo(f"\nwrote {out_dir / 'README.md'} and {len(pngs)} plot(s): "
-               + ", ".join(name for _, name, _ in pngs))
+    click.echo(f"\nwrote {out_dir / 'README.md'} and {len(pngs)} plot(s):")
+    click.echo(textwrap.fill(", ".join(name for _, name, _ in pngs), WIDTH, initial_indent="  ",
+                             subsequent_indent="  ", break_on_hyphens=False,
+                             break_long_words=False))

@@ -6,8 +6,8 @@ Pairs come from the paper's `parent_child_pairs.csv` (columns `child`, `parent`,
 `child` and `parent`, optional `parent_type`, `inverse_type`, and optionally its own
 `forward` / `backward` sentences), or from the small file this package ships
 (`newllm/core/reversal_pairs.csv`: people, places and inventions, in the CSV format with
-an extra `inverse_type` column). Per pair, with the templates (default
-"{child}'s {parent_type} is {parent}." | "{parent}'s {inverse_type} is {child}.",
+an extra `inverse_type` column). Per pair, with the templates (a forward and a backward one,
+default "{child}'s {parent_type} is {parent}." and "{parent}'s {inverse_type} is {child}.",
 inverse_type defaulting to "child"):
 
 - forward PPL  = exp(mean NLL of the forward sentence's tokens), read after the separator;
@@ -28,6 +28,7 @@ import io
 import math
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from newllm.core.errors import NewllmError
 SHIPPED_PAIRS = Path(__file__).with_name("reversal_pairs.csv")
 SHIPPED = "shipped"  # a pairs path that names the file shipped with this package
 FORMATS = ("csv", "jsonl")
-DEFAULT_TEMPLATES = "{child}'s {parent_type} is {parent}.|{parent}'s {inverse_type} is {child}."
+DEFAULT_TEMPLATES = ["{child}'s {parent_type} is {parent}.",  # forward, backward (a params
+                     "{parent}'s {inverse_type} is {child}."]  # default: param copies it)
 FIELDS = ("child", "parent", "parent_type", "inverse_type")
 
 
@@ -117,11 +119,13 @@ def read_pairs_jsonl(path: Path) -> list[Pair]:
     return pairs
 
 
-def read_pairs(path: str | Path, fmt: str, max_pairs: int | None = None) -> list[Pair]:
-    """Pairs of a CSV or JSONL file (the first `max_pairs`); duplicates are an error."""
+def read_pairs(path: str | Path, fmt: str, max_pairs: int | None = None,
+               key: str = "eval_reversal.pairs") -> list[Pair]:
+    """Pairs of a CSV or JSONL file (the first `max_pairs`); duplicates are an error. `key`:
+    the parameter that named the file, for the error when it is not there."""
     path = resolve_pairs(path)
     if not path.is_file():
-        raise NewllmError(f"eval_reversal.pairs '{path}' does not exist; expected a {fmt} file "
+        raise NewllmError(f"{key} '{path}' does not exist; expected a {fmt} file "
                           "of child/parent pairs.")
     if fmt not in FORMATS:
         raise NewllmError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
@@ -146,17 +150,22 @@ def file_hash(path: str | Path) -> str:
     return hashlib.sha256(resolve_pairs(path).read_bytes()).hexdigest()
 
 
-def parse_templates(templates: str) -> tuple[str, str]:
-    """'forward|backward' format strings over child, parent, parent_type, inverse_type;
-    each must end with its answer ({parent}, {child}) and optional punctuation."""
-    parts = templates.split("|")
-    if len(parts) != 2:
-        raise NewllmError(f"eval_reversal.templates must be 'forward|backward' (two templates "
-                          f"joined by |), got {templates!r}.")
+def parse_templates(templates: Sequence[str],
+                    key: str = "eval_reversal.templates") -> tuple[str, str]:
+    """[forward, backward] format strings over child, parent, parent_type, inverse_type;
+    each must end with its answer ({parent}, {child}) and optional punctuation. `key` is the
+    params key named in errors."""
+    parts = list(templates) if isinstance(templates, (list, tuple)) else None
+    if parts is None or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+        raise NewllmError(f"{key} must be a list of two templates [forward, backward], got "
+                          f"{templates!r}.")
     for part, answer in zip(parts, ("{parent}", "{child}"), strict=True):
-        names = {f for _, f, _, _ in string.Formatter().parse(part) if f is not None}
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(part) if f is not None}
+        except ValueError:  # an unbalanced brace
+            names = {"?"}
         if not names <= set(FIELDS) or not part.rstrip(".!? ").endswith(answer):
-            raise NewllmError(f"eval_reversal.templates: {part!r} must use only "
+            raise NewllmError(f"{key}: {part!r} must use only "
                               f"{', '.join('{' + f + '}' for f in FIELDS)} and end with "
                               f"{answer}.")
     return parts[0], parts[1]
@@ -177,7 +186,8 @@ def split_prompt(sentence: str, answer: str) -> tuple[str, str]:
     return sentence[:cut].rstrip(), " " + sentence[cut:].lstrip()
 
 
-def forward_sentences(pairs: list[Pair], templates: str = DEFAULT_TEMPLATES) -> list[str]:
+def forward_sentences(pairs: list[Pair],
+                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
     """The forward sentences of `pairs` (what train-lm's `reversal_facts` injects)."""
     parsed = parse_templates(templates)
     return [sentences(p, parsed)[0] for p in pairs]
@@ -190,6 +200,37 @@ def injected_split(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list
                 > math.floor(i * fraction)]
     keys = {p.key for p in injected}
     return injected, [p for p in pairs if p.key not in keys]
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What a trainer's `reversal_facts` puts into its training stream, and records."""
+
+    pairs: list[Pair]  # the whole file (empty without one)
+    injected: list[Pair]
+    control: list[Pair]  # never injected
+    facts: list[list[int]]  # token ids of the injected forward sentences, `repeats` times over
+    record: dict[str, Any]  # for the checkpoint's meta: pairs, pairs_hash, injected, control
+
+
+def inject_facts(tokenizer: Any, path: str | None, fmt: str, fraction: float, repeats: int,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES,
+                 key: str = "reversal_facts") -> Injection:
+    """The forward sentences of the `fraction` of the pairs of `path` chosen by
+    `injected_split`, tokenized (no special tokens) and repeated `repeats` times; the rest are
+    the never-injected control. The record is what eval-reversal reads from a checkpoint to
+    split its figures the same way. `path` None: nothing injected."""
+    if path is None:
+        return Injection([], [], [], [], {"pairs": None, "pairs_hash": None, "injected": [],
+                                          "control": []})
+    pairs = read_pairs(path, fmt, key=key)
+    injected, control = injected_split(pairs, fraction)
+    facts = [tokenizer(s, add_special_tokens=False)["input_ids"]
+             for s in forward_sentences(injected, templates)] * repeats
+    return Injection(pairs, injected, control, facts,
+                     {"pairs": path, "pairs_hash": file_hash(path),
+                      "injected": [p.key for p in injected],
+                      "control": [p.key for p in control]})
 
 
 # --- scoring ------------------------------------------------------------------------------
@@ -225,7 +266,7 @@ class PairScores:
 
 
 def score_pairs(scorer: Any, tokenizer: Any, pairs: list[Pair], pool: list[Pair],
-                templates: str, distractors: int, seed: int) -> list[PairScores]:
+                templates: Sequence[str], distractors: int, seed: int) -> list[PairScores]:
     """Forward/backward PPL and rank correctness of each pair; distractors come from `pool`."""
     parsed = parse_templates(templates)
     rng = random.Random(seed)

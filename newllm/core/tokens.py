@@ -8,7 +8,10 @@ so `base.separator_token: auto` prefers a document-boundary token of the vocabul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from newllm.core.errors import NewllmError
 
@@ -45,3 +48,25 @@ def pad_token_id(tokenizer: Any, model: Any) -> int:
     found = first_token_id(tokenizer.pad_token_id, tokenizer.eos_token_id,
                            getattr(model.config, "pad_token_id", None))
     return 0 if found is None else found
+
+
+def left_pad(rows: Sequence[Sequence[int]] | Sequence[torch.Tensor], pad: int | torch.Tensor,
+             device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of different lengths left-padded into one batch, for generation and scoring.
+
+    Token ids (`rows` lists of ids, `pad` an id) give ids [B, T] on `device`; embeddings
+    (`rows` tensors [T_i, d], `pad` a vector [d]) give [B, T, d] where the rows are. With
+    them the attention mask [B, T] (0 on the padding, int64) and the position ids [B, T],
+    counted from each row's first real token (0 on the padding).
+    """
+    length = max(len(r) for r in rows)
+    if isinstance(pad, torch.Tensor):
+        padded = torch.stack([torch.cat([pad.expand(length - len(r), -1).to(r.dtype), r])
+                              for r in rows])  # type: ignore[union-attr]
+    else:
+        padded = torch.tensor([[pad] * (length - len(r)) + list(r) for r in rows],
+                              device=device)
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
+                        device=padded.device)
+    return padded, mask, (mask.cumsum(1) - 1).clamp_min(0)

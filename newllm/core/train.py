@@ -19,9 +19,10 @@ comes back, and `evaluate`, are plain float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -52,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # cosine (to 0 over all steps) | constant
     device: str | torch.device = "cpu"  # auto | cpu | cuda | mps
+    lr_key: str = "lr"  # the learning rate's key in the trainer's params group, for errors
 
     def __post_init__(self) -> None:
         check_choices(self.key, (("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
@@ -105,15 +107,17 @@ class Trainer:
         c = self.config
         hint = f" or set {c.key}.compute_dtype to float32" if c.compute_dtype != "float32" else ""
         raise NewllmError(f"the training loss became {loss} at epoch {epoch}; lower "
-                          f"{c.key}.lr ({c.lr}){hint}.")
+                          f"{c.key}.{c.lr_key} ({c.lr}){hint}.")
 
     def fit(self, model: nn.Module, loss_fn: LossFn, n_examples: int,
             generator: torch.Generator, evaluate: Callable[[nn.Module], float] | None = None,
-            desc: str | None = None) -> list[Epoch]:
+            desc: str | None = None, parameters: Iterable[Any] | None = None) -> list[Epoch]:
         """Train `model` in place on batches of indices into `n_examples`; per-epoch metrics.
 
         Each epoch draws a permutation from `generator`; with several processes each one
         takes its shard of every batch. The model comes back float32 on `self.device`.
+        `parameters`: what the optimizer updates, parameters or parameter groups (each with
+        its own `lr`); default every parameter of `model`.
         """
         c, acc = self.config, self.accelerator
         if n_examples < 1:
@@ -123,7 +127,8 @@ class Trainer:
         # get the float32 model, and autocast only the loss function below.
         model = acc.unwrap_model(prepared, keep_fp32_wrapper=False)
         optimizer_class = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
-        optimizer = optimizer_class(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        optimizer = optimizer_class(model.parameters() if parameters is None else parameters,
+                                    lr=c.lr, weight_decay=c.weight_decay)
         steps = c.epochs * math.ceil(n_examples / c.batch_size)
         if c.schedule == "cosine":  # decays to 0 so the last epoch settles
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)

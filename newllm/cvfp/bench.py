@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
 from newllm.core.base import BaseParams, load_base
-from newllm.core.bench import bench, stage_default, timed
+from newllm.core.bench import bench, stage_checked, stage_default, timed
+from newllm.core.errors import NewllmError
 from newllm.cvfp.stages.phase2_prep_cache import PrepCacheParams
 
 _RSS_PROBE = """
@@ -29,7 +31,7 @@ print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
               help="Base model whose input embeddings the blocks read.")
 @click.option("--blocks", default=stage_default(PrepCacheParams, "blocks"), show_default=True,
               help="Phase-1 blocks; if the file is missing, freshly initialised blocks of "
-                   "the phase1 defaults are used (same speed, same exactness).")
+                   "the phase1_context defaults are used (same speed, same exactness).")
 @click.option("--data", default=stage_default(PrepCacheParams, "data"), show_default=True)
 @click.option("--tokens", default=20000, show_default=True,
               help="Train-stream tokens for the fast paths.")
@@ -41,10 +43,30 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
                      rss_tokens: int) -> None:
     """prep-cache's fast paths vs the seeds' per-token loop: identical contexts, tokens/s,
     speed ratio; and peak RSS of the stage at 1x and 4x the stream length."""
+    import tempfile
+
+    # phase2-prep-cache's own checks, before any model loads
+    for option, value in (("--tokens", tokens), ("--naive-tokens", naive_tokens),
+                          ("--rss-tokens", rss_tokens)):
+        stage_checked(PrepCacheParams, train_tokens=(option, value))
+    if naive_tokens > tokens:
+        raise NewllmError(f"option --naive-tokens ({naive_tokens}) must be <= --tokens "
+                          f"({tokens}): the loop is compared on the first tokens of the same "
+                          "stream.")
+    base = load_base(model, device="cpu")
+    embeddings = base.input_embeddings()
+    scratch = Path(tempfile.mkdtemp(prefix="newllm-bench-"))
+    try:
+        _run(base, embeddings, scratch, model, blocks, data, tokens, naive_tokens, rss_tokens)
+    finally:  # the scratch folder goes on any end: an error, ctrl-C
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(base: Any, embeddings: torch.Tensor, scratch: Path, model: str, blocks: str,
+         data: str, tokens: int, naive_tokens: int, rss_tokens: int) -> None:
     import copy
     import subprocess
     import sys
-    import tempfile
 
     from newllm.core.tokens import separator_token_id
     from newllm.cvfp.checkpoint import load_blocks, save_blocks, token_stream
@@ -52,9 +74,6 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
     from newllm.cvfp.recurrence import naive_contexts, stream_contexts
     from newllm.cvfp.stages.phase1_context import Phase1Params
 
-    base = load_base(model, device="cpu")
-    embeddings = base.input_embeddings()
-    scratch = Path(tempfile.mkdtemp(prefix="newllm-bench-"))
     if Path(blocks).is_file():
         cvfp, _ = load_blocks(blocks, base.info.as_dict(), embeddings)
     else:
@@ -65,7 +84,7 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
                                  p1.context_norm), embeddings)
         blocks = str(scratch / "blocks.safetensors")
         save_blocks(Path(blocks), cvfp, params={}, base=base.info.as_dict(), extra={})
-        click.echo(f"no blocks artifact: freshly initialised phase1 defaults in {blocks}")
+        click.echo(f"no blocks artifact: freshly initialised phase1_context defaults in {blocks}")
     separator = separator_token_id(base.tokenizer)
     ids = token_stream(data, "train", separator, base.info.tokenizer_only(), 4 * max(
         tokens, rss_tokens))
@@ -105,5 +124,4 @@ def bench_prep_cache(model: str, blocks: str, data: str, tokens: int, naive_toke
         peaks.append(int(run.stdout.split("peak_rss_kb")[-1]) / 1024)
         click.echo(f"prep-cache peak RSS at {length} tokens: {peaks[-1]:,.0f} MiB")
     click.echo(f"peak RSS growth at 4x the stream: {100 * (peaks[1] / peaks[0] - 1):.1f}%")
-    shutil.rmtree(scratch, ignore_errors=True)
     click.echo(f"prep-cache speedup: {results['sequential'][1] / naive_rate:.1f}x")

@@ -16,8 +16,6 @@ from newllm.cvfp.model import CVFPLM, CVFPConfig
 
 BLOCKS_KIND = "cvfp-context-blocks"
 LM_KIND = "cvfp-lm"
-BLOCKS_FILE = "context_blocks.safetensors"
-LM_FILE = "lm.safetensors"
 
 
 def token_stream(prepared: str | Path, split: str, separator_id: int,

@@ -61,12 +61,13 @@ class CVFPConfig:
 
     def __post_init__(self) -> None:
         if self.context_norm not in CONTEXT_NORMS:
-            raise NewllmError(f"phase1.context_norm must be one of {', '.join(CONTEXT_NORMS)}, "
-                              f"got {self.context_norm!r}.")
+            raise NewllmError(f"phase1_context.context_norm must be one of "
+                              f"{', '.join(CONTEXT_NORMS)}, got {self.context_norm!r}.")
         if self.context_layers != self.token_layers:
             raise NewllmError(
-                f"phase1.context_layers ({self.context_layers}) must equal phase1.token_layers "
-                f"({self.token_layers}): TokenBlock layer i reads ContextBlock layer i.")
+                f"phase1_context.context_layers ({self.context_layers}) must equal "
+                f"phase1_context.token_layers ({self.token_layers}): TokenBlock layer i reads "
+                "ContextBlock layer i.")
         if self.head == "tied_frozen" and not self.freeze_embeddings:
             raise NewllmError("phase2_token.head tied_frozen ties the head to the frozen "
                               "embeddings; with freeze_embeddings false use head: trainable.")

@@ -96,7 +96,7 @@ def shifted(previous: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
 
 
 def check_phase1_config(config: Phase1Config) -> None:
-    check_choices("phase1", (("init", config.init, INITS),
+    check_choices("phase1_context", (("init", config.init, INITS),
                              ("diversity", config.diversity, DIVERSITIES),
                              ("cvfp_target", config.cvfp_target, CVFP_TARGETS)))
 
@@ -132,7 +132,7 @@ def train_block(block: ContextBlock, embeddings: torch.Tensor, val_embeddings: t
             loss = config.cvfp_weight * cvfp + config.diversity_weight * diversity
             if not torch.isfinite(loss):
                 raise NewllmError(f"the phase-1 loss became {float(loss)} at iteration "
-                                  f"{iteration}; lower phase1.lr ({config.lr}).")
+                                  f"{iteration}; lower phase1_context.lr ({config.lr}).")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -171,13 +171,13 @@ def block_slices(num_blocks: int, tokens_per_block: int, block_data: str,
     """Each block's training tokens: its own slice [i*n, (i+1)*n) (`split`, the seeds'
     finding), or all of [0, num_blocks*n) for every block (`all`, their ablation)."""
     if block_data not in BLOCK_DATA:
-        raise NewllmError(f"phase1.block_data must be one of {', '.join(BLOCK_DATA)}, got "
-                          f"{block_data!r}.")
+        raise NewllmError(f"phase1_context.block_data must be one of "
+                          f"{', '.join(BLOCK_DATA)}, got {block_data!r}.")
     needed = num_blocks * tokens_per_block
     if needed > available:
-        raise NewllmError(f"phase1 needs {num_blocks} x {tokens_per_block} = {needed} train "
-                          f"tokens but the train split has {available}; lower "
-                          "phase1.tokens_per_block.")
+        raise NewllmError(f"phase1_context needs {num_blocks} x {tokens_per_block} = {needed} "
+                          f"train tokens but the train split has {available}; lower "
+                          "phase1_context.tokens_per_block.")
     if block_data == "all":
         return [slice(0, needed)] * num_blocks
     return [slice(i * tokens_per_block, (i + 1) * tokens_per_block) for i in range(num_blocks)]
@@ -192,7 +192,7 @@ def train_context_blocks(model: CVFPLM, train_ids: torch.Tensor, val_ids: torch.
     `init_context: inherit` starts block i (in training and at the start of every stream)
     from block i-1's last training context instead of zeros (seeds/003's ablation)."""
     if init_context not in INIT_CONTEXTS:
-        raise NewllmError(f"phase1.init_context must be one of {', '.join(INIT_CONTEXTS)}, "
+        raise NewllmError(f"phase1_context.init_context must be one of {', '.join(INIT_CONTEXTS)}, "
                           f"got {init_context!r}.")
     slices = block_slices(model.config.num_blocks, tokens_per_block, block_data,
                           len(train_ids))
@@ -202,7 +202,7 @@ def train_context_blocks(model: CVFPLM, train_ids: torch.Tensor, val_ids: torch.
     for number, (block, rows) in enumerate(zip(model.context_blocks, slices, strict=True)):
         if init_context == "inherit" and carried is not None:
             if block.context_dim != len(carried):
-                raise NewllmError("phase1.init_context inherit needs equal context_dim.")
+                raise NewllmError("phase1_context.init_context inherit needs equal context_dim.")
             block.initial_context.copy_(carried)
         with torch.no_grad():
             embeddings = model.embed(train_ids[rows])

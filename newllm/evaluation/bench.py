@@ -6,7 +6,14 @@ import click
 import torch
 
 from newllm.core.base import BaseParams, load_base
-from newllm.core.bench import bench, gemm_peak_gflops, linear_shapes, stage_default, timed
+from newllm.core.bench import (
+    bench,
+    gemm_peak_gflops,
+    linear_shapes,
+    stage_checked,
+    stage_default,
+    timed,
+)
 from newllm.core.data import load_split
 from newllm.core.ppl import (
     HFScorer,
@@ -62,6 +69,11 @@ def bench_eval_ppl(model: str, data: str, max_tokens: int, context_length: int, 
     measured here at the model's weight shapes) and the bf16 ratio use the eval-ppl stage's
     own defaults.
     """
+    # the stage's own checks, before any model loads (a stride of 0 would never end)
+    stage_checked(EvalPplParams, context_length=("--context-length", context_length),
+                  stride=("--stride", stride), batch_size=("--batch-size", batch_size),
+                  max_tokens=("--max-tokens", max_tokens))
+    stage_checked(EvalPplParams, max_tokens=("--stage-tokens", stage_tokens))
     base = load_base(model, device=device)
     scorer = HFScorer.from_base(base)
     split = load_split(data, "val", base=base.info.tokenizer_only())

@@ -6,5 +6,4 @@ memory state (get/set, save/load as safetensors), training on segments, the memo
 (`train-lm`, `eval-reversal`, the eval-ppl kinds) are thin shells in `stages/`.
 """
 
-MODEL_KINDS = ("pythia", "infini", "multi_memory", "hierarchical")
-MEMORY_KINDS = MODEL_KINDS[1:]
+LM_KINDS = ("pythia", "infini", "multi_memory", "hierarchical")  # create_model's (train_lm.kind)

@@ -24,6 +24,9 @@ The trained model is an artifact of kind `infini-adapter` holding every weight t
 (the whole model after full fine-tuning, only the adapter and α with a frozen base), so
 `load_adapted` rebuilds it on the same base and `AdapterScorer` (eval-ppl / eval-reversal
 model kind `infini-lm` given such an artifact) reads it, in segments with the memory carried.
+
+Both trainings (distillation and fine-tuning) run on the shared `Trainer` (newllm.core.train):
+AdamW without weight decay at a constant learning rate, a seeded shuffle per epoch.
 """
 
 from __future__ import annotations
@@ -40,19 +43,13 @@ from torch import nn
 from newllm.core.artifacts import load_artifact
 from newllm.core.base import BaseInfo
 from newllm.core.errors import NewllmError
+from newllm.core.hidden import decoder_of, stop_at
+from newllm.core.train import TrainConfig, Trainer
 from newllm.infini.memory import MemoryAttention, MemoryConfig
 
 ADAPTER_KIND = "infini-adapter"
 MODES = ("parallel", "replace")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise NewllmError(f"base.model ({type(model).__name__}) has no model.layers of decoder "
-                          "layers to put a memory layer beside; use a Llama-style causal LM.")
-    return layers
+GROUP = "train_infini_adapter"  # the params group named in errors
 
 
 class MemoryAdapter(nn.Module):
@@ -118,7 +115,7 @@ def memory_config(model: nn.Module, **options: Any) -> MemoryConfig:
 
 
 def attach_parallel(model: nn.Module, config: MemoryConfig) -> ParallelLayer0:
-    layers = decoder_layers(model)
+    layers = decoder_of(model).layers
     wrapped = ParallelLayer0(layers[0], MemoryAdapter(config))
     layers[0] = wrapped
     return wrapped
@@ -126,7 +123,7 @@ def attach_parallel(model: nn.Module, config: MemoryConfig) -> ParallelLayer0:
 
 def attach_replace(model: nn.Module, infini: InfiniLayer) -> nn.Module:
     """Put `infini` in layer 0's place; returns the original layer 0."""
-    layers = decoder_layers(model)
+    layers = decoder_of(model).layers
     original = layers[0]
     layers[0] = ReplacedLayer0(infini)
     return original
@@ -138,60 +135,49 @@ def reset_memory(model: nn.Module) -> None:
             module.reset_memory()
 
 
-class _Captured(Exception):
-    pass
+def _layer_io(args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's (input hidden states, output hidden states) from its hook."""
+    hidden_in = args[0] if args else kwargs["hidden_states"]
+    hidden_out = output[0] if isinstance(output, tuple) else output
+    return hidden_in.detach(), hidden_out.detach()
 
 
 @torch.no_grad()
 def layer0_pairs(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer 0's input, layer 0's output) [B, T, d] of one segment, running the base only up to
-    layer 0 (a hook stops the forward there)."""
-    layer0 = decoder_layers(model)[0]
-    captured: dict[str, torch.Tensor] = {}
+    layer 0 (`stop_at` ends the forward there)."""
+    return stop_at(decoder_of(model).layers[0],
+                   lambda: model(input_ids=batch, use_cache=False), _layer_io)
 
-    def hook(_module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        captured["in"] = (args[0] if args else kwargs["hidden_states"]).detach()
-        captured["out"] = (output[0] if isinstance(output, tuple) else output).detach()
-        raise _Captured
 
-    handle = layer0.register_forward_hook(hook, with_kwargs=True)
-    try:
-        model(input_ids=batch, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured["in"], captured["out"]
+def _constant_adamw(epochs: int, batch_size: int, lr: float, lr_key: str,
+                    device: str | torch.device) -> Trainer:
+    """The Trainer of both trainings: AdamW, no weight decay, constant learning rate."""
+    return Trainer(TrainConfig(GROUP, epochs, batch_size, lr, optimizer="adamw",
+                               weight_decay=0.0, schedule="constant", device=device,
+                               lr_key=lr_key))
 
 
 def distill(infini: InfiniLayer, model: nn.Module, sequences: torch.Tensor,
             segment_length: int, epochs: int, lr: float, batch_size: int,
-            generator: torch.Generator) -> list[float]:
+            generator: torch.Generator, device: str | torch.device = "cpu") -> list[float]:
     """Train `infini` (MSE) to map layer 0's input to its output, memory carried across the
-    segments of each sequence; the base is not touched. Returns the mean loss per epoch."""
-    optimizer = torch.optim.AdamW(infini.parameters(), lr=lr, weight_decay=0.0)
-    history = []
+    segments of each sequence; the base is not touched. One step per batch of `batch_size`
+    sequences, in a seeded order each epoch. Returns the mean loss per epoch."""
     pairs = []  # layer 0's inputs and outputs of every segment, computed once
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size, :-1]
         pairs.append([layer0_pairs(model, batch[:, s:s + segment_length])
                       for s in range(0, batch.shape[1], segment_length)])
-    for _ in range(epochs):
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        total = 0.0
-        for i in order:
-            infini.attn.reset_memory()
-            loss = sum(F.mse_loss(infini(h_in), h_out) for h_in, h_out in pairs[i])
-            loss = loss / len(pairs[i])
-            if not math.isfinite(loss.item()):
-                raise NewllmError(f"the distillation loss became {loss.item()}; lower "
-                                  "train_infini_adapter.distill_lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        history.append(total / len(pairs))
-    return history
+
+    def loss_fn(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        batch_pairs = pairs[int(rows[0])]  # the Trainer's "examples" are the batches
+        infini.attn.reset_memory()
+        return sum(F.mse_loss(m(h_in), h_out) for h_in, h_out in batch_pairs) / len(batch_pairs)
+
+    trainer = _constant_adamw(epochs, 1, lr, "distill_lr", device)
+    history = trainer.fit(infini, loss_fn, len(pairs), generator, desc="distill")
+    return [e.train_loss for e in history]
 
 
 @torch.no_grad()
@@ -214,7 +200,7 @@ def parameter_groups(model: nn.Module, lr: float, layer0_lr_scale: float,
     """The seed's groups: layer 0 (the Infini layer or the parallel adapter's layer) at
     lr·layer0_lr_scale; embeddings, layers 1.., final norm and head at lr·other_lr_scale.
     Only trainable parameters, each once (a tied head is the embedding)."""
-    layers = decoder_layers(model)
+    layers = decoder_of(model).layers
     seen: set[int] = set()
 
     def take(params: Any) -> list[nn.Parameter]:
@@ -250,28 +236,15 @@ def lm_loss(model: nn.Module, batch: torch.Tensor, segment_length: int) -> torch
 
 
 def finetune(model: nn.Module, groups: list[dict[str, Any]], sequences: torch.Tensor,
-             segment_length: int, epochs: int, batch_size: int,
-             generator: torch.Generator) -> list[float]:
-    """LM-loss fine-tuning with AdamW over `groups`; mean loss per epoch."""
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    history = []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(sequences), generator=generator)
-        total, steps = 0.0, 0
-        for start in range(0, len(sequences), batch_size):
-            loss = lm_loss(model, sequences[order[start:start + batch_size]], segment_length)
-            if not math.isfinite(loss.item()):
-                raise NewllmError(f"the fine-tuning loss became {loss.item()}; lower "
-                                  "train_infini_adapter.finetune_lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            steps += 1
-        history.append(total / max(steps, 1))
+             segment_length: int, epochs: int, batch_size: int, generator: torch.Generator,
+             lr: float, device: str | torch.device = "cpu") -> list[float]:
+    """LM-loss fine-tuning over `groups` (each with its own lr; `lr` is the base rate, named
+    in errors); mean loss per sequence per epoch."""
+    trainer = _constant_adamw(epochs, batch_size, lr, "finetune_lr", device)
+    history = trainer.fit(model, lambda m, rows: lm_loss(m, sequences[rows], segment_length),
+                          len(sequences), generator, desc="finetune", parameters=groups)
     model.eval()
-    return history
+    return [e.train_loss for e in history]
 
 
 @torch.no_grad()

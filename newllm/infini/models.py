@@ -38,7 +38,7 @@ from torch import nn
 
 from newllm.core.artifacts import load_artifact, save_artifact
 from newllm.core.errors import NewllmError
-from newllm.infini import MODEL_KINDS
+from newllm.infini import LM_KINDS
 from newllm.infini.memory import MemoryAttention, MemoryConfig
 
 MEMORY_STATE_KIND = "infini-memory-state"
@@ -72,9 +72,9 @@ class LMConfig:
     num_memories: int = 4
 
     def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
+        if self.kind not in LM_KINDS:
             raise NewllmError(f"model kind '{self.kind}' is unknown; known kinds: "
-                              f"{', '.join(MODEL_KINDS)}.")
+                              f"{', '.join(LM_KINDS)}.")
         if self.d_model % self.n_heads:
             raise NewllmError(f"d_model ({self.d_model}) must be a multiple of n_heads "
                               f"({self.n_heads}).")

@@ -21,7 +21,6 @@ through `newllm.core.ppl.evaluate_ppl` with this scorer, the code eval-ppl runs.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,7 +196,3 @@ def load_infini_scorer(base_params: Any, checkpoint: str | None) -> Any:
                           f"{separator_id}.")
     return SegmentScorer(model, meta["extra"]["segment_length"], device, info, separator_id,
                          tokenizer.convert_ids_to_tokens(separator_id))
-
-
-def train_steps(n_sequences: int, batch_size: int, epochs: int) -> int:
-    return epochs * math.ceil(n_sequences / batch_size)

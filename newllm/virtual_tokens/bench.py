@@ -9,7 +9,7 @@ import click
 import torch
 
 from newllm.core.base import BaseParams, load_base
-from newllm.core.bench import bench, stage_default, timed
+from newllm.core.bench import bench, stage_checked, stage_default, timed
 from newllm.core.data import load_split
 
 
@@ -37,7 +37,12 @@ def bench_extract_pairs(model: str, layer_index: int, num_tokens: int, batch_siz
     from newllm.core.hidden import resolve_layer_index
     from newllm.core.tokens import separator_token_id
     from newllm.virtual_tokens.pairs import extract_hidden, ordinary_token_ids
+    from newllm.virtual_tokens.stages.extract_pairs import ExtractPairsParams
 
+    # extract-pairs' own checks, before any model loads
+    stage_checked(ExtractPairsParams, max_tokens=("--num-tokens", num_tokens),
+                  batch_size=("--batch-size", batch_size))
+    stage_checked(ExtractPairsParams, max_tokens=("--exact-tokens", exact_tokens))
     base = load_base(model, device=device)
     layer = resolve_layer_index(layer_index, base.info.num_layers, "--layer-index")
     ids, _ = ordinary_token_ids(base.tokenizer, base.model.get_input_embeddings().num_embeddings,
@@ -100,9 +105,21 @@ def bench_e_star(model: str, data: str, pairs: int, steps: int, text_tokens: int
     """build-e-star's batched e* optimization (all pairs in one padded batch) vs one pair at
     a time, same pairs, steps and settings: final KLs must match; the time ratio is printed."""
     from newllm.core.tokens import separator_token_id
-    from newllm.virtual_tokens.e_star import EStarConfig, make_pairs, optimize_batch
+    from newllm.virtual_tokens.e_star import (
+        EStarConfig,
+        check_context_fits,
+        make_pairs,
+        optimize_batch,
+    )
+    from newllm.virtual_tokens.stages.build_e_star import BuildEStarParams
 
+    # build-e-star's own checks, before any model loads
+    stage_checked(BuildEStarParams, batch_size=("--pairs", pairs), steps=("--steps", steps),
+                  text_tokens=("--text-tokens", text_tokens),
+                  follow_tokens=("--follow-tokens", follow_tokens))
     base = load_base(model, device=device)
+    check_context_fits(base.model, 1 + text_tokens + follow_tokens,
+                       "1 + --text-tokens + --follow-tokens")
     sep = separator_token_id(base.tokenizer)
     docs, _ = load_split(data, "train", base=base.info.tokenizer_only()).documents()
     chosen = make_pairs(docs, pairs, text_tokens, follow_tokens, 0, f"--data {data}")

@@ -14,7 +14,7 @@ moves it from there.
 Loss (`compressor_loss`): cosine + relative-norm regression to e*, plus `kl_weight` x the KL
 of the frozen base's next-token distributions after `[sep, predicted, follow]` to the stored
 teacher top-K, plus an optional hidden-state match at the stored layer, plus an optional
-attention match (`attn_weight`) at the decoder layers `attn_layers`, against the teacher
+attention match (`attn_weight`) at the decoder layers `attn_decoder_layers`, against the teacher
 reading `[sep, text, follow]`, at the positions that predict the follow tokens:
 
 - features (`attn_use_weights` false): the self-attention sublayer's output [C, d] there,
@@ -157,7 +157,8 @@ class LossWeights:
             raise NewllmError(f"hidden_loss_type must be one of {', '.join(HIDDEN_LOSSES)}, "
                               f"got {self.hidden_loss_type!r}.")
         if self.attn_weight > 0 and not self.attn_layers:
-            raise NewllmError("attn_weight > 0 needs at least one layer in attn_layers.")
+            raise NewllmError("train_compressor.attn_weight > 0 needs at least one layer in "
+                              "attn_decoder_layers.")
 
 
 def regression_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -169,22 +170,6 @@ def regression_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 # --- attention matching -------------------------------------------------------------------
-
-def resolve_decoder_layers(text: str, num_layers: int,
-                           key: str = "train_compressor.attn_layers") -> list[int]:
-    """Comma-separated decoder layer indices in [-L, L-1] (negative: from the last) as
-    sorted distinct indices in [0, L-1]; else NewllmError naming `key`."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise NewllmError(f"{key} must be comma-separated integers, got {text!r}.") from None
-    for value in values:
-        if not -num_layers <= value < num_layers:
-            raise NewllmError(f"{key} must hold decoder layers in [{-num_layers}, "
-                              f"{num_layers - 1}] for this {num_layers}-layer model, got "
-                              f"{value}.")
-    return sorted({value % num_layers for value in values})
-
 
 @contextmanager
 def capture_attention(model: torch.nn.Module, layers: Sequence[int],

@@ -5,7 +5,7 @@ Two objectives, one machinery:
 - `continue`: the frozen base reads `[sep, e*_1..e*_k, follow]` and must give, at the
   positions that predict each follow token, the next-token distributions it gives when it
   reads the whole context `[sep, text, follow]` (forward KL(teacher || student), mean over
-  those positions), plus an optional hidden-state match at `hidden_layer_index`.
+  those positions), plus an optional hidden-state match at `hidden_loss_index`.
 - `reconstruct` (the "cramming" setting): the base reads `[sep, e*, text]` and must predict
   `text` itself (cross-entropy at the positions that predict each text token).
 
@@ -51,7 +51,7 @@ class EStarConfig:
     lr: float = 0.05  # Adam, cosine-decayed to 0 over the steps
     init: str = "mean_embedding"  # mean_embedding | text_embeddings
     hidden_weight: float = 0.0  # continue only: weight of the hidden-state match
-    hidden_layer_index: int = -2
+    hidden_loss_index: int = -2  # a hidden_states index (0 = embeddings)
     hidden_loss_type: str = "cosine"
     batch_size: int = 16
     compute_dtype: str = "float32"  # float32 | bfloat16 (autocast of the base's forward)
@@ -238,7 +238,7 @@ def _row_losses(model: torch.nn.Module, config: EStarConfig, sep_id: int, vector
     want_hidden = teacher is not None and config.hidden_weight > 0
     logits, mask, hidden = continuation_logits(
         model, list(prefixes), targets, compute_dtype=config.compute_dtype,
-        hidden_layer=(resolve_layer_index(config.hidden_layer_index,
+        hidden_layer=(resolve_layer_index(config.hidden_loss_index,
                                           len(decoder_of(model).layers))
                       if want_hidden else None))
     if teacher is None:  # reconstruct: the text itself is the target
@@ -263,7 +263,7 @@ def optimize_batch(model: torch.nn.Module, config: EStarConfig, sep_id: int,
             raise NewllmError("the continue objective needs follow texts.")
         if teacher is None:
             teacher = teacher_outputs(model, sep_id, texts, follows,
-                                      hidden_layer=(config.hidden_layer_index
+                                      hidden_layer=(config.hidden_loss_index
                                                     if config.hidden_weight > 0 else None),
                                       context_layer=None, compute_dtype=config.compute_dtype)
         targets = follows
@@ -428,18 +428,6 @@ def make_pairs(doc_ids: Sequence[torch.Tensor], count: int, text_tokens: int,
     chosen = sorted(eligible[i] for i in order[:count].tolist())
     return [(i, doc_ids[i][:text_tokens].long(), doc_ids[i][text_tokens:need].long())
             for i in chosen]
-
-
-def positive_ints(text: str, key: str) -> list[int]:
-    """Sorted distinct positive integers of a comma-separated list, else NewllmError."""
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        values = []
-    if not values or values[0] < 1:
-        raise NewllmError(f"{key} must be a comma-separated list of positive integers, got "
-                          f"{text!r}.")
-    return values
 
 
 def check_context_fits(model: torch.nn.Module, length: int, what: str) -> None:

@@ -32,8 +32,7 @@ def greedy_generate(model: torch.nn.Module, sep_id: int, prefixes: Sequence[torc
                     length: int) -> torch.Tensor:
     """Exactly `length` greedy tokens after `[sep, prefix_i]` per row ([B, length]), by HF
     generate with a KV cache (rows left-padded; no stop at EOS, so every row has `length`)."""
-    from newllm.core.tokens import first_token_id
-    from newllm.virtual_tokens.recursive import left_pad
+    from newllm.core.tokens import first_token_id, left_pad
 
     sep = embed(model, torch.tensor([sep_id]))
     rows = [torch.cat([sep, p.to(sep.dtype)]) for p in prefixes]

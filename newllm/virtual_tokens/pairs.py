@@ -74,7 +74,7 @@ def extract_hidden(model: torch.nn.Module, token_ids: torch.Tensor, layer_index:
             tokens = torch.cat([torch.full_like(tokens, prefix_id), tokens], dim=1)
         mask = torch.ones_like(tokens)
         hidden = hidden_states_at(model, tokens, mask, layer_index,
-                                  key="extract_pairs.layer_index")
+                                  key="extract_pairs.hidden_index")
         chunks.append(hidden[:, -1].to(torch.promote_types(hidden.dtype, torch.float32)).cpu())
     return torch.cat(chunks)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from newllm.core.hidden import hidden_states_at
+from newllm.core.tokens import left_pad
 
 POOLS = ("mean", "last")
 
@@ -40,18 +41,6 @@ def embed_ids(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     weight = model.get_input_embeddings().weight
     return model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long,
                                                      device=weight.device))
-
-
-def left_pad(rows: list[torch.Tensor], pad_vector: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows [T_i, d] left-padded to [B, T, d], with attention mask and position ids [B, T]."""
-    length = max(len(r) for r in rows)
-    embeds = torch.stack([torch.cat([pad_vector.expand(length - len(r), -1).to(r.dtype), r])
-                          for r in rows])
-    mask = torch.stack([torch.arange(length, device=embeds.device) >= length - len(r)
-                        for r in rows]).long()
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    return embeds, mask, positions
 
 
 @torch.inference_mode()

@@ -12,11 +12,11 @@ import torch
 from newllm.chameleon import DIRECTIONS_KIND, GENERATIONS_KIND
 from newllm.chameleon.directions import SCOPES, SIGN_CONVENTION, THETA_N_METHODS, estimate
 from newllm.chameleon.editing import resolve_targets
-from newllm.chameleon.frozen import check_unchanged, freeze
 from newllm.chameleon.lm import POOLINGS, pooled_states
 from newllm.core.artifacts import load_artifact, save_artifact, write_metrics
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
+from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.params import as_dict, param
 from newllm.core.tokens import pad_token_id, separator_token_id
 
@@ -26,9 +26,12 @@ class EstimateDirectionsParams:
     group = "estimate_directions"
     generations: str = param("artifacts/chameleon/generations.safetensors",
                              "self-generate output.")
-    target_layers: str = param("21,29", "Modules whose outputs give the states (and are edited "
-                               "later): decoder layer indices (their .mlp; negative from the "
-                               "end) or module paths, comma-separated.")
+    # param() gives a list default a default_factory, so instances never share it
+    target_decoder_layers: list[int | str] = param([21, 29], "Modules whose outputs give the "  # noqa: RUF009
+                                                   "states (and are edited later): decoder "
+                                                   "layer indices (their .mlp; 0 = the first "
+                                                   "decoder layer, negative from the end) or "
+                                                   "module paths.")
     pooling: str = param("mean", "Pool each generation's states by mean or last token.",
                          choices=POOLINGS)
     with_prompt: bool = param(True, "Read each generation after its own prompt (else after "
@@ -41,8 +44,9 @@ class EstimateDirectionsParams:
     direction_scope: str = param("global", "One pair of directions from all users, or one per "
                                  "user (from that user's own generations).", choices=SCOPES)
     batch_size: int = param(8, "Sequences per forward pass.", min=1)
-    out: str = param("artifacts/chameleon/directions.safetensors", "Output artifact.")
-    metrics: str = param("metrics/chameleon/directions.json", "Metrics file.")
+    out: str = param("artifacts/chameleon/directions.safetensors", "Output artifact.",
+                     output="artifact")
+    metrics: str = param("metrics/chameleon/directions.json", "Metrics file.", output="metrics")
 
 
 def _rows(gen: dict[str, torch.Tensor], kind: str) -> list[tuple[list[int], list[int]]]:
@@ -60,8 +64,8 @@ def _rows(gen: dict[str, torch.Tensor], kind: str) -> list[tuple[list[int], list
                     "their quality figures.")
 def estimate_directions(base_params: BaseParams, params: EstimateDirectionsParams) -> None:
     base = base_params.load()
-    targets = resolve_targets(base.model, params.target_layers,
-                              "estimate_directions.target_layers")
+    targets = resolve_targets(base.model, params.target_decoder_layers,
+                              "estimate_directions.target_decoder_layers")
     generations = load_artifact(params.generations, kind=GENERATIONS_KIND,
                                 base=base.info.as_dict())
     frozen = freeze(base.model)

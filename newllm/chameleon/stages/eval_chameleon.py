@@ -30,7 +30,6 @@ from newllm.chameleon.editing import (
     projection_edit,
 )
 from newllm.chameleon.export import write_control_vector
-from newllm.chameleon.frozen import check_unchanged, freeze
 from newllm.chameleon.lm import generate, tag_logprobs
 from newllm.chameleon.params import ChameleonDataParams
 from newllm.chameleon.prompts import CONDITION_PROMPTS, answer_prefix, as_model_input, fill
@@ -47,8 +46,9 @@ from newllm.core.artifacts import write_csv, write_json, write_metrics
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
+from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.params import as_dict, param
-from newllm.core.tokens import pad_token_id
+from newllm.core.tokens import left_pad, pad_token_id
 
 CONDITIONS = ("no_profile", "personalized", "edit", "null")
 SCORINGS = {"generate": ("gen",), "likelihood": ("lik",), "both": ("gen", "lik")}
@@ -59,8 +59,9 @@ class EvalChameleonParams:
     group = "eval_chameleon"
     directions: str = param("artifacts/chameleon/directions.safetensors",
                             "estimate-directions output.")
-    layers: str = param("all", "Layers to edit: 'all' of the directions' layers or a "
-                        "comma-separated subset (indices or module paths).")
+    layers: list[int | str] | None = param(None, "Layers to edit: null = all of the "  # noqa: RUF009
+                                           "directions' layers, or a subset of them (decoder "
+                                           "layer indices or module paths).")
     alpha: float = param(0.6, "Weight of the personal projection (added).")
     beta: float = param(0.4, "Weight of the neutral projection (|beta| is subtracted).")
     target_edit_ratio: float = param(0.025, "Rescale each token's edit to this share of the "
@@ -72,32 +73,25 @@ class EvalChameleonParams:
     max_new_tokens: int = param(10, "Tokens generated per answer.", min=1)
     batch_size: int = param(8, "Prompts per batch.", min=1)
     bootstrap: int = param(1000, "Bootstrap resamples for the intervals.", min=10)
-    sweep_alphas: str = param("1.2,2.4", "Alphas of the accuracy-vs-alpha plot "
-                              "(likelihood scoring; beta and target_edit_ratio scaled by "
-                              "alpha/eval_chameleon.alpha; the personalized prompt is alpha "
-                              "0); empty = no sweep.")
+    # param() gives a list default a default_factory, so instances never share it
+    sweep_alphas: list[float] = param([1.2, 2.4], "Alphas of the accuracy-vs-alpha plot "  # noqa: RUF009
+                                      "(likelihood scoring; beta and target_edit_ratio scaled "
+                                      "by alpha/eval_chameleon.alpha; the personalized prompt "
+                                      "is alpha 0); [] = no sweep.")
     seed: int = param(0, "Seed of the null control's random directions and the bootstrap.",
                       min=0)
     control_vector: str = param("artifacts/chameleon/control_vector.gguf", "llama.cpp "
-                                "control-vector GGUF of the mean edit per layer.")
+                                "control-vector GGUF of the mean edit per layer.", output="gguf")
     predictions: str = param("artifacts/chameleon/predictions.json", "Per-question gold and "
-                             "predictions.")
-    metrics: str = param("metrics/chameleon/eval.json", "Metrics file.")
-    plot: str = param("plots/chameleon_alpha.csv", "Accuracy vs alpha, edit and null control.")
+                             "predictions.", output="metrics")
+    metrics: str = param("metrics/chameleon/eval.json", "Metrics file.", output="metrics")
+    plot: str = param("plots/chameleon_alpha.csv", "Accuracy vs alpha, edit and null control.",
+                      output="plot")
 
     def check(self) -> None:
-        try:
-            _alphas(self.sweep_alphas)
-        except ValueError:
-            raise NewllmError(f"eval_chameleon.sweep_alphas must be comma-separated numbers, "
-                              f"got {self.sweep_alphas!r}.") from None
-        if self.alpha == 0 and self.sweep_alphas.strip():
+        if self.alpha == 0 and self.sweep_alphas:
             raise NewllmError("eval_chameleon.alpha is 0, so the sweep cannot scale beta with "
-                              "it; set sweep_alphas to '' or alpha to a non-zero value.")
-
-
-def _alphas(text: str) -> list[float]:
-    return [float(a) for a in text.split(",") if a.strip()]
+                              "it; set sweep_alphas to [] or alpha to a non-zero value.")
 
 
 @stage_command("eval-chameleon", BaseParams, ChameleonDataParams, EvalChameleonParams,
@@ -262,7 +256,7 @@ def _sweep(params: EvalChameleonParams, run: Any, gold: list[str],
     if ("personalized", "lik") in results and params.edit_prompt == "personalized":
         acc = accuracy(results["personalized", "lik"]["pred"])
         rows[0.0] = [0.0, 0.0, acc, 0.0, acc, 0.0]
-    for a in _alphas(params.sweep_alphas):
+    for a in params.sweep_alphas:
         if a == params.alpha and ("edit", "lik") in results:
             continue
         scale = a / params.alpha
@@ -273,7 +267,7 @@ def _sweep(params: EvalChameleonParams, run: Any, gold: list[str],
                          params.target_edit_ratio * scale, stats)
             row += [accuracy(result["pred"]), stats.mean_ratio]
         rows[a] = row
-    if ("edit", "lik") in results and params.sweep_alphas.strip():
+    if ("edit", "lik") in results and params.sweep_alphas:
         rows[params.alpha] = [params.alpha, params.beta,
                               metrics["edit_lik_accuracy"], metrics["edit_ratio_realized"],
                               metrics["null_lik_accuracy"], metrics["null_ratio_realized"]]
@@ -285,10 +279,7 @@ def _edit_checks(model: torch.nn.Module, prompts: list[list[int]], edits: list[L
                  alpha: float, beta: float, pad: int, row_hook: Any) -> dict[str, float]:
     """Projection parallelism (cosine of the alpha-only edit with θ_p, ideally 1) and linearity
     in alpha (relative error of edit(2α, 2β) against 2·edit(α, β), no ratio control)."""
-    length = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts])
-    mask = (torch.arange(length)[None] >= torch.tensor([length - len(p) for p in prompts])[:, None]
-            ).long()
+    ids, mask, _ = left_pad(prompts, pad)
     row_hook(list(range(len(prompts))))
     with capture_outputs(model, [e.target.path for e in edits]) as store:
         model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),

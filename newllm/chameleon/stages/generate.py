@@ -12,12 +12,12 @@ import click
 
 from newllm.chameleon.directions import load_directions, select_layers
 from newllm.chameleon.editing import EditStats, LayerEdit, Target, projection_edit
-from newllm.chameleon.frozen import check_unchanged, freeze
 from newllm.chameleon.lm import generate as generate_ids
 from newllm.chameleon.prompts import as_model_input
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
+from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.params import param
 from newllm.core.tokens import pad_token_id
 
@@ -31,7 +31,9 @@ class GenerateParams:
                         "answer with the tag name. tags: [Action, Comedy, Drama, Romance, "
                         "Thriller] description: Sleepless in Seattle (1993); genres: Comedy, "
                         "Romance", "Prompt to continue.")
-    layers: str = param("all", "Layers to edit: 'all' or a subset of the directions' layers.")
+    layers: list[int | str] | None = param(None, "Layers to edit: null = all of the "  # noqa: RUF009
+                                           "directions' layers, or a subset of them (decoder "
+                                           "layer indices or module paths).")
     alpha: float = param(0.6, "Weight of the personal projection (added).")
     beta: float = param(0.4, "Weight of the neutral projection (|beta| is subtracted).")
     target_edit_ratio: float = param(0.025, "Rescale each token's edit to this share of the "

@@ -12,7 +12,6 @@ import torch
 
 from newllm.chameleon import GENERATIONS_KIND
 from newllm.chameleon.data import class_balance, majority_accuracy, tag_key
-from newllm.chameleon.frozen import check_unchanged, freeze
 from newllm.chameleon.lm import generate
 from newllm.chameleon.params import ChameleonDataParams
 from newllm.chameleon.prompts import (
@@ -26,6 +25,7 @@ from newllm.chameleon.scoring import names_a_tag
 from newllm.core.artifacts import save_artifact, write_metrics
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
+from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.params import as_dict, param
 from newllm.core.tokens import pad_token_id
 
@@ -46,8 +46,9 @@ class SelfGenerateParams:
     top_p: float = param(0.9, "Nucleus sampling mass (do_sample only).", min=1e-6, max=1.0)
     seed: int = param(0, "Seed of the sampling.", min=0)
     batch_size: int = param(8, "Prompts per generation batch.", min=1)
-    out: str = param("artifacts/chameleon/generations.safetensors", "Output artifact.")
-    metrics: str = param("metrics/chameleon/self_generate.json", "Metrics file.")
+    out: str = param("artifacts/chameleon/generations.safetensors", "Output artifact.",
+                     output="artifact")
+    metrics: str = param("metrics/chameleon/self_generate.json", "Metrics file.", output="metrics")
 
 
 def _flat(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

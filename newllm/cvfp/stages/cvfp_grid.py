@@ -34,8 +34,9 @@ class CvfpGridParams:
     lr: float = param(1e-3, "Phase-2 Adam learning rate.", min=1e-12)
     seed: int = param(0, "Seed of every configuration.", min=0)
     metrics_dir: str = param("metrics/cvfp/grid", "Metrics JSON <config>.json in here: "
-                             "<config>__val_ppl, ...")
-    plots_dir: str = param("plots/cvfp/grid", "Plots CSV <config>.csv in here (one row).")
+                             "<config>__val_ppl, ...", output="container")
+    plots_dir: str = param("plots/cvfp/grid", "Plots CSV <config>.csv in here (one row).",
+                           output="container")
 
 
 COLUMNS = ["val_ppl", "val_accuracy", "seed_val_ppl", "seed_val_accuracy",

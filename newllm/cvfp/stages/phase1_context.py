@@ -33,7 +33,7 @@ from newllm.cvfp.phase1 import (
 
 @dataclass
 class Phase1Params:
-    group = "phase1"
+    group = "phase1_context"
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
     num_blocks: int = param(2, "Context blocks, each trained on its own slice; their contexts "
                             "are concatenated for the TokenBlock.", min=1)
@@ -69,9 +69,12 @@ class Phase1Params:
                             "rank.", min=2)
     lipschitz_samples: int = param(64, "States sampled for the Lipschitz estimate.", min=1)
     seed: int = param(0, "Seed of the initialization and the noise.", min=0)
-    out: str = param("artifacts/cvfp/context_blocks.safetensors", "Blocks artifact to write.")
-    metrics: str = param("metrics/cvfp/phase1.json", "Metrics JSON to write.")
-    plots: str = param("plots/cvfp/phase1.csv", "Per block and iteration figures (CSV).")
+    out: str = param("artifacts/cvfp/context_blocks.safetensors", "Blocks artifact to write.",
+                     output="artifact")
+    metrics: str = param("metrics/cvfp/phase1.json", "Metrics JSON to write.",
+                         output="metrics")
+    plots: str = param("plots/cvfp/phase1.csv", "Per block and iteration figures (CSV).",
+                       output="plot")
 
     def config(self) -> Phase1Config:
         return Phase1Config(self.max_iterations, self.batch_size, self.lr, self.init,

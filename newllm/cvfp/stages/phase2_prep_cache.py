@@ -40,8 +40,8 @@ class PrepCacheParams:
     cache_dtype: str = param("float16", "dtype of the stored contexts.",
                              choices=("float32", "float16", "bfloat16"))
     compute_dtype: str = param("float32", "dtype of the recurrence.", choices=COMPUTE_DTYPES)
-    out: str = param("artifacts/cvfp/context_cache", "Cache folder to write.")
-    metrics: str = param("metrics/cvfp/prep_cache.json", "Metrics JSON to write.")
+    out: str = param("artifacts/cvfp/context_cache", "Cache folder to write.", output="dir")
+    metrics: str = param("metrics/cvfp/prep_cache.json", "Metrics JSON to write.", output="metrics")
 
 
 @stage_command("phase2-prep-cache", BaseParams, PrepCacheParams,

@@ -45,9 +45,10 @@ class Phase2TokenParams:
     freeze_embeddings: bool = param(True, "Keep the input embeddings frozen (seeds/003: "
                                     "val PPL 334 frozen vs 1189 trained).")
     seed: int = param(0, "Seed of the initialization and the batch order.", min=0)
-    out: str = param("artifacts/cvfp/lm.safetensors", "The trained LM (blocks + token block).")
-    metrics: str = param("metrics/cvfp/phase2.json", "Metrics JSON to write.")
-    plots: str = param("plots/cvfp/phase2.csv", "Per-epoch figures (CSV).")
+    out: str = param("artifacts/cvfp/lm.safetensors", "The trained LM (blocks + token block).",
+                     output="artifact")
+    metrics: str = param("metrics/cvfp/phase2.json", "Metrics JSON to write.", output="metrics")
+    plots: str = param("plots/cvfp/phase2.csv", "Per-epoch figures (CSV).", output="plot")
 
 
 @stage_command("phase2-token", BaseParams, Phase2TokenParams,

@@ -11,7 +11,13 @@ from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.data import SPLITS, load_split
 from newllm.core.params import param
-from newllm.core.ppl import DOCUMENT_MODES, MODEL_KINDS, check_window, evaluate_ppl, load_scorer
+from newllm.core.ppl import (
+    DOCUMENT_MODES,
+    SCORER_KINDS,
+    check_window,
+    evaluate_ppl,
+    load_scorer,
+)
 
 
 @dataclass
@@ -19,7 +25,7 @@ class EvalPplParams:
     group = "eval_ppl"
     model_kind: str = param("hf", "Model kind to evaluate: hf = the base causal LM; the "
                             "others are trained models read from `checkpoint`.",
-                            choices=tuple(MODEL_KINDS))
+                            choices=tuple(SCORER_KINDS))
     checkpoint: str | None = param(None, "Trained model artifact of a model kind other than "
                                    "hf (null for hf).")
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
@@ -35,7 +41,7 @@ class EvalPplParams:
                            choices=DOCUMENT_MODES)
     max_tokens: int | None = param(None, "Evaluate whole documents until this many tokens "
                                    "(null = the whole split).", min=1)
-    metrics: str = param("metrics/eval_ppl.json", "Metrics JSON to write.")
+    metrics: str = param("metrics/eval_ppl.json", "Metrics JSON to write.", output="metrics")
 
     def check(self) -> None:
         check_window(self.context_length, self.stride, None)  # before loading any model

@@ -20,7 +20,7 @@ from newllm.core.artifacts import read_meta, write_metrics
 from newllm.core.base import BaseParams, load_tokenizer
 from newllm.core.cli import stage_command
 from newllm.core.params import param
-from newllm.core.ppl import MODEL_KINDS, load_scorer
+from newllm.core.ppl import SCORER_KINDS, load_scorer
 from newllm.core.reversal import (
     DEFAULT_TEMPLATES,
     FORMATS,
@@ -39,7 +39,7 @@ class EvalReversalParams:
     group = "eval_reversal"
     model_kind: str = param("hf", "hf = base.model; infini-lm = a train-lm model or "
                             "base.model with a train-infini-adapter memory, read from "
-                            "`checkpoint`.", choices=tuple(MODEL_KINDS))
+                            "`checkpoint`.", choices=tuple(SCORER_KINDS))
     checkpoint: str | None = param(None, "train-lm / train-infini-adapter model artifact "
                                    "(null for hf).")
     pairs: str = param(SHIPPED, "Pairs file: parent_child_pairs.csv format (child,parent,"
@@ -49,9 +49,9 @@ class EvalReversalParams:
     max_pairs: int | None = param(None, "Evaluate the first this many pairs (null = all).",
                                   min=1)
     distractors: int = param(4, "Other names each true answer is ranked against.", min=1)
-    templates: str = param(DEFAULT_TEMPLATES, "forward|backward sentence templates over "
-                           "{child}, {parent}, {parent_type}, {inverse_type}; each ends with "
-                           "its answer.")
+    templates: list[str] = param(  # noqa: RUF009 (param copies the list)
+        DEFAULT_TEMPLATES, "[forward, backward] sentence templates over {child}, {parent}, "
+        "{parent_type}, {inverse_type}; each ends with its answer.")
     seed: int = param(0, "Seed of the distractor draw.", min=0)
     inject_fraction: float | None = param(0.5, "For the base (no checkpoint): also report "
                                           "the injected / never-injected halves a training "
@@ -59,7 +59,8 @@ class EvalReversalParams:
                                           "(train-lm's default; null = no split). A "
                                           "checkpoint reports the halves it recorded, if "
                                           "any.", min=0.0, max=1.0)
-    metrics: str = param("metrics/infini/eval_reversal.json", "Metrics JSON to write.")
+    metrics: str = param("metrics/infini/eval_reversal.json", "Metrics JSON to write.",
+                         output="metrics")
 
     def check(self) -> None:
         parse_templates(self.templates)

@@ -16,8 +16,9 @@ from newllm.foundation.assets import ASSETS, fetch_asset
 @dataclass
 class FetchAssetsParams:
     group = "fetch_assets"
-    assets_dir: str = param("data/assets", "Folder the assets are unpacked into.")
-    metrics: str = param("metrics/fetch_assets.json", "Metrics JSON to write.")
+    assets_dir: str = param("data/assets", "Folder the assets are unpacked into.",
+                            output="container")
+    metrics: str = param("metrics/fetch_assets.json", "Metrics JSON to write.", output="metrics")
 
 
 @stage_command("fetch-assets", FetchAssetsParams,

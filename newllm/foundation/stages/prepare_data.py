@@ -33,8 +33,9 @@ class PrepareDataParams:
     val_fraction: float = param(0.05, "Share of documents in the val split.", min=0.0, max=0.5)
     test_fraction: float = param(0.05, "Share of documents in the test split.", min=0.0, max=0.5)
     seed: int = param(0, "Seed of the document shuffle.", min=0)
-    out: str = param("data/prepared", "Output folder (train/val/test .safetensors + .jsonl).")
-    metrics: str = param("metrics/prepare_data.json", "Metrics JSON to write.")
+    out: str = param("data/prepared", "Output folder (train/val/test .safetensors + .jsonl).",
+                     output="dir")
+    metrics: str = param("metrics/prepare_data.json", "Metrics JSON to write.", output="metrics")
 
 
 @stage_command("prepare-data", BaseParams, PrepareDataParams,

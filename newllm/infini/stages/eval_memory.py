@@ -32,29 +32,22 @@ class EvalMemoryParams:
     max_compressions: int = param(64, "Largest number of segments compressed before a "
                                   "target (n = 0, 1, 2, 4, ... up to it).", min=1)
     targets: int = param(32, "Target segments averaged at each n.", min=1)
-    passkey_fillers: str = param("0,1,2,4,8", "Comma-separated numbers of filler segments "
-                                 "between the key and the question.")
+    passkey_fillers: list[int] = param(  # noqa: RUF009 (param copies the list)
+        [0, 1, 2, 4, 8], "Numbers of filler segments between the key and the question.",
+        min=0)
     passkey_trials: int = param(20, "Passkey trials per n.", min=1)
     passkey_candidates: int = param(5, "Keys ranked per trial (the true one included).",
                                     min=2)
     seed: int = param(0, "Seed of the keys.", min=0)
-    metrics: str = param("metrics/infini/eval_memory.json", "Metrics JSON to write.")
+    metrics: str = param("metrics/infini/eval_memory.json", "Metrics JSON to write.",
+                         output="metrics")
     plot: str = param("plots/infini/compressions.csv", "Compressions curve (CSV: "
-                      "compressions, ppl).")
-
-
-    def fillers(self) -> list[int]:
-        try:
-            values = [int(v) for v in self.passkey_fillers.split(",")]
-        except ValueError:
-            values = []
-        if not values or min(values) < 0:
-            raise NewllmError(f"eval_memory.passkey_fillers must be comma-separated integers "
-                              f">= 0, got {self.passkey_fillers!r}.")
-        return values
+                      "compressions, ppl).", output="plot")
 
     def check(self) -> None:
-        self.fillers()
+        if not self.passkey_fillers:
+            raise NewllmError("eval_memory.passkey_fillers must list at least one number of "
+                              "filler segments, got [].")
 
 
 @stage_command("eval-memory", BaseParams, EvalMemoryParams,
@@ -72,7 +65,7 @@ def eval_memory(base_params: BaseParams, params: EvalMemoryParams) -> None:
         curve = compressions_curve(model, stream, segment_length, params.max_compressions,
                                    params.targets)
         passkey = passkey_accuracy(model, tokenizer, separator_id, segment_length,
-                                   params.fillers(), params.passkey_trials,
+                                   params.passkey_fillers, params.passkey_trials,
                                    params.passkey_candidates, params.seed)
     write_csv(params.plot, ["compressions", "ppl"], [[n, f"{p:.6g}"] for n, p in curve])
     write_metrics(params.metrics, {

@@ -1,12 +1,15 @@
 """infini-report: the Infini-attention line's figures gathered into one metrics file.
 
-Reads the metrics the line's stages wrote into `metrics_dir` (train_lm_<run>.json,
-eval_ppl_<kind>.json, eval_memory_<run>.json, eval_reversal[_<kind>].json) and the base's
-eval-ppl metrics, and writes one flat file keyed `<row>__<figure>`: a row per trained kind,
-a row per delta-rule/ALiBi ablation run and the base model, as `newllm report` shows them.
-The adapter runs on the pretrained base (train-infini-adapter-*, in `adapter_dir`) add the
-rows adapter-base (the base read in the adapter's segments), adapter-parallel (with its
-eval-reversal), adapter-frozen and adapter-replace.
+The runs come from params.yaml, not a copy: every run of `infini_runs` (train-lm's) and of
+`adapter_runs` (train-infini-adapter's). Reads the metrics the line's stages wrote into
+`metrics_dir` (train_lm_<run>.json, eval_memory_<run>.json and, for a kind run,
+eval_ppl_<run>.json and eval_reversal_<run>.json; eval_reversal.json of the base) and the
+base's eval-ppl metrics, and writes one flat file keyed `<row>__<figure>`, the row being the
+run's name: a full row for each run that changes only `kind`, a row of train val PPL and
+memory probes for each other run (the delta-rule / ALiBi ablations), and the base model, as
+`newllm report` shows them. The adapter runs on the pretrained base (`adapter_dir`:
+<run>.json, eval_reversal_<run>.json of `reversal_adapter_runs`) add the rows adapter-base
+(the base read in the adapter's segments) and adapter-<run>.
 """
 
 from __future__ import annotations
@@ -22,23 +25,20 @@ import click
 from newllm.core.artifacts import write_metrics
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
-from newllm.core.params import comma_names, param
+from newllm.core.params import RunNames, param
 
 
 @dataclass
 class InfiniReportParams:
     group = "infini_report"
     metrics_dir: str = param("metrics/infini", "Folder of the line's metrics files.")
-    kinds: str = param("pythia,infini,multi_memory,hierarchical", "Comma-separated trained "
-                       "kinds (infini_runs.kinds).")
-    ablations: str = param("delta-false_alibi-false,delta-false_alibi-true,"
-                           "delta-true_alibi-true", "Comma-separated ablation runs (the names "
-                           "of infini_runs.ablations).")
     base_ppl: str = param("metrics/eval_ppl.json", "The base model's eval-ppl metrics.")
     adapter_dir: str = param("metrics/infini_adapter", "Folder of train-infini-adapter's "
-                             "metrics (parallel, frozen, replace) and eval-reversal's on the "
-                             "parallel model.")
-    metrics: str = param("metrics/infini_report.json", "Metrics JSON to write.")
+                             "metrics (<run>.json of each adapter_runs run) and eval-reversal's "
+                             "(eval_reversal_<run>.json).")
+    reversal_adapter_runs: list[str] = param(  # noqa: RUF009 (param copies the list)
+        ["parallel"], "Runs of adapter_runs that eval-reversal read.")
+    metrics: str = param("metrics/infini_report.json", "Metrics JSON to write.", output="metrics")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -77,30 +77,40 @@ def memory_figures(memory: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def adapter_figures(folder: Path) -> dict[str, Any]:
-    """Rows of the memory-on-the-base runs. Their val PPL reads the first val documents in
-    the adapter's segments (`segmented_val_ppl`), not eval-ppl's whole split."""
-    parallel = read_json(folder / "parallel.json")
-    frozen = read_json(folder / "frozen.json")
-    replace = read_json(folder / "replace.json")
-    rev = read_json(folder / "eval_reversal_parallel.json")
-    out: dict[str, Any] = {"adapter-base__segmented_val_ppl": parallel["base_val_ppl"]}
-    for row, run in (("adapter-parallel", parallel), ("adapter-frozen", frozen)):
-        out[f"{row}__segmented_val_ppl"] = run["val_ppl"]
-        out[f"{row}__alpha"] = run["alpha"]
-        out[f"{row}__train_tokens"] = run["train_tokens"]
-    out.update(reversal_figures("adapter-parallel", rev))
-    out["adapter-replace__after_distill_val_ppl"] = replace["after_distill_val_ppl"]
-    out["adapter-replace__segmented_val_ppl"] = replace["val_ppl"]
-    out["adapter-replace__distill_error_held_out"] = replace["distill_error_held_out"]
+def adapter_figures(folder: Path, runs: list[str], reversal_runs: list[str]) -> dict[str, Any]:
+    """Rows of the memory-on-the-base runs (`adapter-<run>`, by the run's mode). Their val PPL
+    reads the first val documents in the adapter's segments (`segmented_val_ppl`), not
+    eval-ppl's whole split; adapter-base is the base read that way (the first run's)."""
+    unknown = [r for r in reversal_runs if r not in runs]
+    if unknown:
+        raise NewllmError(f"infini_report.reversal_adapter_runs: {', '.join(unknown)} is not a "
+                          f"run of adapter_runs ({', '.join(runs)}).")
+    out: dict[str, Any] = {}
+    for run in runs:
+        metrics = read_json(folder / f"{run}.json")
+        row = f"adapter-{run}"
+        out.setdefault("adapter-base__segmented_val_ppl", metrics["base_val_ppl"])
+        if metrics["mode"] == "parallel":
+            out[f"{row}__segmented_val_ppl"] = metrics["val_ppl"]
+            out[f"{row}__alpha"] = metrics["alpha"]
+            out[f"{row}__train_tokens"] = metrics["train_tokens"]
+        else:
+            out[f"{row}__after_distill_val_ppl"] = metrics["after_distill_val_ppl"]
+            out[f"{row}__segmented_val_ppl"] = metrics["val_ppl"]
+            out[f"{row}__distill_error_held_out"] = metrics["distill_error_held_out"]
+    for run in reversal_runs:
+        out.update(reversal_figures(f"adapter-{run}",
+                                    read_json(folder / f"eval_reversal_{run}.json")))
     return out
 
 
 @stage_command("infini-report", InfiniReportParams,
                help="Gather the Infini-attention line's metrics (val PPL per kind, "
                     "compressions curve, passkey, reversal) into one file for `newllm "
-                    "report`.")
-def infini_report(params: InfiniReportParams) -> None:
+                    "report`.", reads_runs=("infini_runs", "adapter_runs"))
+def infini_report(params: InfiniReportParams, *, infini_runs: RunNames,
+                  adapter_runs: RunNames) -> None:
+    """Reports every run of params groups `infini_runs` and `adapter_runs`."""
     folder = Path(params.metrics_dir)
     out: dict[str, Any] = {}
     base_ppl = read_json(Path(params.base_ppl))
@@ -109,7 +119,8 @@ def infini_report(params: InfiniReportParams) -> None:
     # the base was never shown the pairs: its figures on the halves the trained models were
     # (and were not) shown are their untrained reference
     out.update(reversal_figures("base", base_rev))
-    for kind in comma_names(params.kinds, "infini_report.kinds"):
+    kinds = [run for run in infini_runs if set(infini_runs.changes[run]) == {"kind"}]
+    for kind in kinds:  # a run of a kind with train_lm's settings: the full row
         train = read_json(folder / f"train_lm_{kind}.json")
         ppl = read_json(folder / f"eval_ppl_{kind}.json")
         rev = read_json(folder / f"eval_reversal_{kind}.json")
@@ -121,13 +132,13 @@ def infini_report(params: InfiniReportParams) -> None:
         out.update(reversal_figures(kind, rev))
         memory = read_json(folder / f"eval_memory_{kind}.json")
         out.update({f"{kind}__{k}": v for k, v in memory_figures(memory).items()})
-    for run in comma_names(params.ablations, "infini_report.ablations"):
-        train = read_json(folder / f"train_lm_infini_{run}.json")
-        memory = read_json(folder / f"eval_memory_infini_{run}.json")
-        row = f"infini_{run}"
+    for row in (run for run in infini_runs if run not in kinds):  # the ablations
+        train = read_json(folder / f"train_lm_{row}.json")
+        memory = read_json(folder / f"eval_memory_{row}.json")
         out[f"{row}__train_val_ppl"] = train["val_ppl"]
         out.update({f"{row}__{k}": v for k, v in memory_figures(memory).items()})
-    out.update(adapter_figures(Path(params.adapter_dir)))
+    out.update(adapter_figures(Path(params.adapter_dir), adapter_runs,
+                               params.reversal_adapter_runs))
     for key, value in out.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise NewllmError(f"infini-report: {key} is {value}; a stage produced a "

@@ -31,16 +31,10 @@ from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.data import load_split
 from newllm.core.errors import NewllmError
+from newllm.core.hidden import decoder_of
 from newllm.core.params import as_dict, param
 from newllm.core.ppl import build_stream
-from newllm.core.reversal import (
-    FORMATS,
-    SHIPPED,
-    file_hash,
-    forward_sentences,
-    injected_split,
-    read_pairs,
-)
+from newllm.core.reversal import FORMATS, SHIPPED, inject_facts
 from newllm.core.runtime import seed_everything
 from newllm.core.tokens import separator_token_id
 from newllm.infini.adapter import (
@@ -49,7 +43,6 @@ from newllm.infini.adapter import (
     InfiniLayer,
     attach_parallel,
     attach_replace,
-    decoder_layers,
     distill,
     distill_error,
     finetune,
@@ -60,8 +53,6 @@ from newllm.infini.adapter import (
     trained_weights,
 )
 from newllm.infini.training import make_sequences, training_stream
-
-INJECT_FRACTION = 0.5  # of the pairs file, as train-lm's default reversal_inject_fraction
 
 
 @dataclass
@@ -90,14 +81,19 @@ class TrainInfiniAdapterParams:
     other_lr_scale: float = param(1.0, "Learning-rate factor of embeddings, layers 1.. and "
                                   "the final norm / head.", min=0.0)
     reversal_facts: str | None = param(SHIPPED, "Pairs file whose forward sentences (of "
-                                       "half the pairs) join the fine-tuning stream ('shipped' "
-                                       "= the package's own; null = none).")
+                                       "reversal_inject_fraction of the pairs) join the "
+                                       "fine-tuning stream ('shipped' = the package's own; "
+                                       "null = none).")
     reversal_format: str = param("csv", "Format of reversal_facts.", choices=FORMATS)
+    reversal_inject_fraction: float = param(0.5, "Share of the pairs whose forward sentence "
+                                            "is injected (as train_lm's); the rest are the "
+                                            "never-injected control.", min=0.0, max=1.0)
     reversal_repeats: int = param(2, "Times each injected sentence appears.", min=1)
     seed: int = param(0, "Seed.", min=0)
     out: str = param("artifacts/infini_adapter/parallel.safetensors", "Trained layer-0 "
-                     "weights (adapter / Infini layer, α) to write.")
-    metrics: str = param("metrics/infini_adapter/parallel.json", "Metrics JSON to write.")
+                     "weights (adapter / Infini layer, α) to write.", output="artifact")
+    metrics: str = param("metrics/infini_adapter/parallel.json", "Metrics JSON to write.",
+                         output="metrics")
 
     def check(self) -> None:
         if self.mode == "replace" and self.freeze_base_model:
@@ -108,7 +104,8 @@ class TrainInfiniAdapterParams:
 @stage_command("train-infini-adapter", BaseParams, TrainInfiniAdapterParams,
                help="Compressive memory on the pretrained base: a parallel adapter beside "
                     "layer 0 (α = 0 at start) or an Infini layer distilled from layer 0 that "
-                    "then replaces it, fine-tuned with per-group learning rates.")
+                    "then replaces it, fine-tuned with per-group learning rates.",
+               runs="adapter_runs")
 def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterParams) -> None:
     base = base_params.load()
     model, tokenizer = base.model, base.tokenizer
@@ -118,17 +115,11 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
     val_docs, _ = load_split(params.data, "val", base=tokens_only).documents(
         params.val_max_tokens)
     generator = seed_everything(params.seed)
-    facts: list[list[int]] = []
-    reversal: dict[str, object] = {"pairs": params.reversal_facts, "pairs_hash": None,
-                                   "injected": [], "control": []}
-    if params.reversal_facts is not None:
-        injected, control = injected_split(read_pairs(params.reversal_facts,
-                                                      params.reversal_format), INJECT_FRACTION)
-        facts = [tokenizer(s, add_special_tokens=False)["input_ids"]
-                 for s in forward_sentences(injected)] * params.reversal_repeats
-        reversal.update(pairs_hash=file_hash(params.reversal_facts),
-                        injected=[p.key for p in injected], control=[p.key for p in control])
-    stream = training_stream(train_docs, facts, separator_id, params.max_train_tokens,
+    injection = inject_facts(tokenizer, params.reversal_facts, params.reversal_format,
+                             params.reversal_inject_fraction, params.reversal_repeats,
+                             key="train_infini_adapter.reversal_facts")
+    reversal = injection.record
+    stream = training_stream(train_docs, injection.facts, separator_id, params.max_train_tokens,
                              random.Random(params.seed), group="train_infini_adapter")
     sequences = make_sequences(stream, params.segment_length * params.segments_per_sequence)
     sequences = sequences.to(base.device)
@@ -160,7 +151,7 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
         groups = parameter_groups(model, params.finetune_lr, params.layer0_lr_scale,
                                   params.other_lr_scale)
         history = finetune(model, groups, sequences, s, params.finetune_epochs,
-                           params.batch_size, generator)
+                           params.batch_size, generator, params.finetune_lr, base_params.device)
         metrics.update({"freeze_base_model": params.freeze_base_model,
                         "alpha": float(wrapped.alpha),
                         "final_train_loss": history[-1] if history else None,
@@ -175,17 +166,17 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
                               "sequence after holding out a tenth for the distillation error.")
         metrics["distill_error_before"] = distill_error(infini, model, held_out, s)
         distill(infini, model, train_seqs, s, params.distill_epochs, params.distill_lr,
-                params.batch_size, generator)
+                params.batch_size, generator, base_params.device)
         metrics["distill_error_held_out"] = distill_error(infini, model, held_out, s)
         attach_replace(model, infini)
         metrics["after_distill_val_ppl"] = segmented_ppl(model, val_streams, s)
         groups = parameter_groups(model, params.finetune_lr, params.layer0_lr_scale,
                                   params.other_lr_scale)
         history = finetune(model, groups, train_seqs, s, params.finetune_epochs,
-                           params.batch_size, generator)
+                           params.batch_size, generator, params.finetune_lr, base_params.device)
         metrics.update({"final_train_loss": history[-1] if history else None,
                         "val_ppl": segmented_ppl(model, val_streams, s)})
-        trained = decoder_layers(model)[0]
+        trained = decoder_of(model).layers[0]
     # Every weight that moved: with full fine-tuning (or other_lr_scale > 0 in replace) the
     # whole base changed, so the artifact is the whole model; a frozen base keeps layer 0's
     # new weights only.

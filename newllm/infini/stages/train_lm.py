@@ -26,17 +26,14 @@ from newllm.core.reversal import (
     DEFAULT_TEMPLATES,
     FORMATS,
     SHIPPED,
-    file_hash,
-    forward_sentences,
-    injected_split,
+    inject_facts,
     parse_templates,
-    read_pairs,
     sentences,
 )
 from newllm.core.runtime import resolve_device, seed_everything, single_thread
 from newllm.core.tokens import separator_token_id
 from newllm.core.train import COMPUTE_DTYPES, TrainConfig, Trainer
-from newllm.infini import MODEL_KINDS
+from newllm.infini import LM_KINDS
 from newllm.infini.models import count_parameters, create_model
 from newllm.infini.training import (
     SegmentScorer,
@@ -52,7 +49,7 @@ from newllm.infini.training import (
 @dataclass
 class TrainLmParams:
     group = "train_lm"
-    kind: str = param("infini", "Model kind of the factory.", choices=MODEL_KINDS)
+    kind: str = param("infini", "Model kind of the factory.", choices=LM_KINDS)
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
     d_model: int = param(64, "Model width.", min=8)
     n_layers: int = param(4, "Decoder layers (layer 0 is the memory layer of memory kinds).",
@@ -89,8 +86,8 @@ class TrainLmParams:
                                        "mixed into the training stream ('shipped' = the "
                                        "package's own; null = none).")
     reversal_format: str = param("csv", "Format of reversal_facts.", choices=FORMATS)
-    reversal_templates: str = param(DEFAULT_TEMPLATES, "Forward|backward templates (as "
-                                    "eval_reversal.templates).")
+    reversal_templates: list[str] = param(  # noqa: RUF009 (param copies the list)
+        DEFAULT_TEMPLATES, "[forward, backward] templates (as eval_reversal.templates).")
     reversal_inject_fraction: float = param(0.5, "Share of the pairs whose forward sentence "
                                             "is injected (evenly spread); the rest are the "
                                             "never-injected control.", min=0.0, max=1.0)
@@ -98,15 +95,22 @@ class TrainLmParams:
                                   min=1)
     seed: int = param(0, "Seed of the initialization, the fact placement and batch order.",
                       min=0)
-    out: str = param("artifacts/infini/lm/model.safetensors", "Model artifact to write.")
-    metrics: str = param("metrics/infini/train_lm.json", "Metrics JSON to write.")
-    plot: str = param("plots/infini/train_lm.csv", "Per-epoch train loss and val PPL (CSV).")
+    out: str = param("artifacts/infini/lm/model.safetensors", "Model artifact to write.",
+                     output="artifact")
+    metrics: str = param("metrics/infini/train_lm.json", "Metrics JSON to write.",
+                         output="metrics")
+    plot: str = param("plots/infini/train_lm.csv", "Per-epoch train loss and val PPL (CSV).",
+                      output="plot")
+
+    def check(self) -> None:
+        parse_templates(self.reversal_templates, "train_lm.reversal_templates")
 
 
 @stage_command("train-lm", BaseParams, TrainLmParams,
                help="Train a pythia / infini / multi_memory / hierarchical LM on the prepared "
                     "corpus in segments (memory carried across the segments of a sequence); "
-                    "per-epoch val PPL by eval-ppl's code, flagged below 5 or above 1000.")
+                    "per-epoch val PPL by eval-ppl's code, flagged below 5 or above 1000.",
+               runs="infini_runs")
 def train_lm(base_params: BaseParams, params: TrainLmParams) -> None:
     tokenizer, info = load_tokenizer(base_params.model)
     separator_id = separator_token_id(tokenizer, base_params.separator_token)
@@ -114,18 +118,15 @@ def train_lm(base_params: BaseParams, params: TrainLmParams) -> None:
     val = load_split(params.data, "val", base=info.tokenizer_only())
     rng = random.Random(params.seed)
 
-    pairs, injected, control = [], [], []
+    templates = parse_templates(params.reversal_templates, "train_lm.reversal_templates")
+    injection = inject_facts(tokenizer, params.reversal_facts, params.reversal_format,
+                             params.reversal_inject_fraction, params.reversal_repeats, templates,
+                             key="train_lm.reversal_facts")
+    facts = injection.facts
     pair_ids: list[int] = []
-    if params.reversal_facts is not None:
-        templates = parse_templates(params.reversal_templates)
-        pairs = read_pairs(params.reversal_facts, params.reversal_format)
-        injected, control = injected_split(pairs, params.reversal_inject_fraction)
-        for pair in pairs:  # every name the evaluation asks about gets its own class
-            for sentence in sentences(pair, templates):
-                pair_ids += tokenizer(sentence, add_special_tokens=False)["input_ids"]
-    facts = [tokenizer(s, add_special_tokens=False)["input_ids"]
-             for s in forward_sentences(injected, params.reversal_templates)
-             ] * params.reversal_repeats
+    for pair in injection.pairs:  # every name the evaluation asks about gets its own class
+        for sentence in sentences(pair, templates):
+            pair_ids += tokenizer(sentence, add_special_tokens=False)["input_ids"]
     docs, _ = train.documents()
     stream = training_stream(docs, facts, separator_id, params.max_train_tokens, rng)
     seq_tokens = params.segment_length * params.segments_per_sequence
@@ -169,10 +170,7 @@ def train_lm(base_params: BaseParams, params: TrainLmParams) -> None:
     model = model.cpu().eval()
     final_ppl = math.exp(history[-1].val_loss)
     extra = {"separator_id": separator_id, "train_tokens": int(sequences[:, :-1].numel()),
-             "reversal": {"pairs": params.reversal_facts,
-                          "pairs_hash": file_hash(params.reversal_facts) if pairs else None,
-                          "injected": [p.key for p in injected],
-                          "control": [p.key for p in control]},
+             "reversal": injection.record,
              "val_ppl": final_ppl}
     save_lm(params.out, model, segment_length=params.segment_length,
             params=as_dict(base_params, params), base=info.tokenizer_only(), extra=extra)

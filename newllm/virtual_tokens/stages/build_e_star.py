@@ -3,10 +3,10 @@
 Pairs are a document's first `text_tokens` tokens and the `follow_tokens` after them;
 training pairs come from train documents, held-out pairs from val documents only. Writes
 `<out_dir>/train.safetensors` and `<out_dir>/val.safetensors` (kind `virtual-token-e-star`):
-per pair the text's hidden states at `context_layer_index` (the compressor's input, the
+per pair the text's hidden states at `context_hidden_index` (the compressor's input, the
 separator's state left out), e*, the teacher's top-`teacher_topk` log-probabilities and ids
 at the follow positions (what train-compressor's KL term needs), the teacher's hidden states
-there at `hidden_layer_index`, the final KL and the no-context KL (follow_text after the
+there at `hidden_loss_index`, the final KL and the no-context KL (follow_text after the
 separator alone). With `objective: reconstruct` the e* reproduce the text itself instead
 (the cramming setting) and the metrics give token accuracy and greedy exact-match length.
 """
@@ -21,9 +21,10 @@ import click
 import torch
 
 from newllm.core.artifacts import atomic_dir, save_artifact, write_csv, write_metrics
-from newllm.core.base import BaseParams, state_dict_hash
+from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.data import load_split
+from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.hidden import resolve_layer_index
 from newllm.core.params import as_dict, param
 from newllm.core.runtime import seed_everything
@@ -65,11 +66,13 @@ class BuildEStarParams:
                       "embedding of each of k chunks of the text.", choices=INITS)
     hidden_weight: float = param(0.0, "Weight of the hidden-state match on the follow "
                                  "positions (continue).", min=0.0)
-    hidden_layer_index: int = param(-2, "Hidden state matched (and stored for "
-                                    "train-compressor), as an HF hidden_states index.")
+    hidden_loss_index: int = param(-2, "Hidden state of the hidden-state match (and stored "
+                                   "for train-compressor): an index of HF's hidden_states (0 = "
+                                   "embeddings, -1 = last), not a decoder layer index.")
     hidden_loss_type: str = param("cosine", "Hidden-state mismatch.", choices=HIDDEN_LOSSES)
-    context_layer_index: int = param(-2, "Hidden state of the text stored as the "
-                                     "compressor's input (HF hidden_states index).")
+    context_hidden_index: int = param(-2, "Hidden state of the text stored as the "
+                                      "compressor's input: an index of HF's hidden_states (0 = "
+                                      "embeddings, -1 = last), not a decoder layer index.")
     teacher_topk: int = param(64, "Teacher log-probabilities kept per follow position for "
                               "train-compressor's KL (top-K plus one bucket for the rest).",
                               min=1)
@@ -78,9 +81,9 @@ class BuildEStarParams:
                                "autocast).", choices=COMPUTE_DTYPES)
     seed: int = param(0, "Seed of the choice of documents.", min=0)
     out_dir: str = param("artifacts/e_star", "Output folder: train.safetensors, "
-                         "val.safetensors.")
-    metrics: str = param("metrics/e_star/build.json", "Metrics JSON.")
-    plot: str = param("plots/e_star/loss.csv", "Mean loss per step (plot data).")
+                         "val.safetensors.", output="dir")
+    metrics: str = param("metrics/e_star/build.json", "Metrics JSON.", output="metrics")
+    plot: str = param("plots/e_star/loss.csv", "Mean loss per step (plot data).", output="plot")
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -96,14 +99,14 @@ def _mean(values: torch.Tensor) -> float:
 def build_e_star(base_params: BaseParams, params: BuildEStarParams) -> None:
     base = base_params.load()
     model, num_layers = base.model, base.info.num_layers
-    for key in ("hidden_layer_index", "context_layer_index"):
+    for key in ("hidden_loss_index", "context_hidden_index"):
         resolve_layer_index(getattr(params, key), num_layers, f"build_e_star.{key}")
     continue_mode = params.objective == "continue"
     length = 1 + params.text_tokens + (params.follow_tokens if continue_mode else 0)
     check_context_fits(model, length, "1 + build_e_star.text_tokens"
                        + (" + follow_tokens" if continue_mode else ""))
     config = EStarConfig(params.objective, params.num_virtual, params.steps, params.lr,
-                         params.init, params.hidden_weight, params.hidden_layer_index,
+                         params.init, params.hidden_weight, params.hidden_loss_index,
                          params.hidden_loss_type, params.batch_size, params.compute_dtype)
     seed_everything(params.seed)
     sep_id = separator_token_id(base.tokenizer, base_params.separator_token)
@@ -115,7 +118,7 @@ def build_e_star(base_params: BaseParams, params: BuildEStarParams) -> None:
         splits[split] = make_pairs(docs, count, params.text_tokens, follow_len, seed,
                                    f"build_e_star.data '{params.data}' {split} split")
 
-    weights_before = state_dict_hash(model)
+    frozen = freeze(model)
     metrics: dict = {"objective": params.objective, "num_virtual": params.num_virtual,
                      "text_tokens": params.text_tokens, "steps": params.steps,
                      "compression_ratio": params.text_tokens / params.num_virtual}
@@ -151,8 +154,8 @@ def build_e_star(base_params: BaseParams, params: BuildEStarParams) -> None:
                 teacher = teacher_outputs(
                     model, sep_id, texts[begin:end],
                     follows[begin:end] if follows else [t[:1] for t in texts[begin:end]],
-                    hidden_layer=params.hidden_layer_index if continue_mode else None,
-                    context_layer=params.context_layer_index,
+                    hidden_layer=params.hidden_loss_index if continue_mode else None,
+                    context_layer=params.context_hidden_index,
                     compute_dtype=params.compute_dtype)
                 chunk = {"context": teacher.context_hidden}
                 if continue_mode:
@@ -196,12 +199,11 @@ def build_e_star(base_params: BaseParams, params: BuildEStarParams) -> None:
                           extra={"objective": params.objective, "separator_token_id": sep_id,
                                  "num_virtual": params.num_virtual,
                                  "hidden_layer_index": resolve_layer_index(
-                                     params.hidden_layer_index, num_layers),
+                                     params.hidden_loss_index, num_layers),
                                  "context_layer_index": resolve_layer_index(
-                                     params.context_layer_index, num_layers),
+                                     params.context_hidden_index, num_layers),
                                  "split": split})
-    if state_dict_hash(model) != weights_before:
-        raise RuntimeError("the base model's weights changed during build-e-star")
+        check_unchanged(model, frozen, "build-e-star")  # inside: a failure writes nothing
     metrics["seconds"] = round(time.perf_counter() - start_all, 2)
     write_metrics(params.metrics, metrics)
     write_csv(Path(params.plot), ["step", "train_loss", "val_loss"],

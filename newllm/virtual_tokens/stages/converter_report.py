@@ -1,8 +1,9 @@
 """converter-report: one table of held-out token recovery per layer, from train-converter metrics.
 
-Reads exactly `layer<L>_<model_type>.json` for each declared layer (`layers`, which
-dvc.yaml takes from per_layer.layers) and model type in the train-converter metrics
-folder, so a layer dropped from the pipeline does not linger in the report, and writes
+Reads exactly `layer<L>_<model_type>.json` for each layer and model type of params group
+`per_layer` (the ones dvc.yaml's extract-pairs / train-converter matrix runs) in the
+train-converter metrics folder, so a layer dropped from the pipeline does not linger in
+the report, and writes
 a flat metrics JSON (`layer15_linear_top1`, `layer15_identity_top1`, ...) and a CSV with
 one row per layer for `dvc plots` (top-1 vs layer).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,31 @@ from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
 from newllm.core.params import param
 from newllm.virtual_tokens import run_name
+from newllm.virtual_tokens.converter import MODEL_TYPES
 
 STATS = ("mse", "cosine", "top1")
+
+
+@dataclass
+class PerLayerParams:
+    """The grid of the extract-pairs / train-converter matrix, read by converter-report."""
+
+    group = "per_layer"
+    # param() gives a list default a default_factory, so instances never share it
+    layers: list[int] = param([1, 15, 30], "Hidden states of the pairs and converters: indices "  # noqa: RUF009
+                              "of HF's hidden_states (0 = embeddings), non-negative (they name "
+                              "the output folders); each needs a file for every model type.",
+                              min=0)
+    model_types: list[str] = param(["linear", "mlp"], "Converter types trained for every "  # noqa: RUF009
+                                   "layer.", choices=MODEL_TYPES)
+
+    def check(self) -> None:
+        for key in ("layers", "model_types"):
+            values = getattr(self, key)
+            if not values:
+                raise NewllmError(f"per_layer.{key} is empty; list at least one.")
+            if len(set(values)) != len(values):
+                raise NewllmError(f"per_layer.{key} {values} names one twice.")
 
 
 @dataclass
@@ -32,37 +55,17 @@ class ConverterReportParams:
     group = "converter_report"
     converters: str = param("metrics/converter", "Folder of train-converter metrics "
                             "(layer<L>_<model_type>.json).")
-    # param() gives a list default a default_factory, so instances never share it
-    layers: list[int] = param([1, 15, 30], "Layers to report (hidden_states indices, as "  # noqa: RUF009
-                              "per_layer.layers); each needs a file for every model type.",
-                              min=0)
-    # A comma-separated string, not a list: DVC cannot interpolate a list into a cmd.
-    model_types: str = param("linear,mlp", "Converter types to report, comma-separated "
-                             "(the types train-converter ran).")
-    metrics: str = param("metrics/converter_report.json", "Flat metrics JSON to write.")
-    plot: str = param("plots/converter_by_layer.csv", "CSV to write: one row per layer.")
-
-    def check(self) -> None:
-        if not self.layers:
-            raise NewllmError("converter_report.layers is empty; list at least one layer.")
-        if len(set(self.layers)) != len(self.layers):
-            raise NewllmError(f"converter_report.layers {self.layers} names a layer twice.")
-        types = self.type_list()
-        # "identity" is the report's own baseline column, never a converter type
-        if not types or not all(re.fullmatch(r"[a-z0-9]+", t) for t in types) or \
-                len(set(types)) != len(types) or "identity" in types:
-            raise NewllmError(f"converter_report.model_types must be distinct model type names "
-                              f"separated by commas (e.g. linear,mlp), got {self.model_types!r}.")
-
-    def type_list(self) -> list[str]:
-        return [t.strip() for t in self.model_types.split(",")]
+    metrics: str = param("metrics/converter_report.json", "Flat metrics JSON to write.",
+                         output="metrics")
+    plot: str = param("plots/converter_by_layer.csv", "CSV to write: one row per layer.",
+                      output="plot")
 
 
 def _read_metrics_file(path: Path, layer: int, model_type: str) -> dict[str, Any]:
     """One train-converter metrics file, checked to hold what the report reads."""
     if not path.is_file():
         raise NewllmError(f"{path} does not exist; run `dvc repro train-converter` (or `newllm "
-                          f"train-converter --layer-index {layer} --model-type {model_type}`).")
+                          f"train-converter --hidden-index {layer} --model-type {model_type}`).")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -123,12 +126,13 @@ def layer_rows(found: dict[int, dict[str, dict[str, Any]]]
     return [*types, "identity"], stats, table
 
 
-@stage_command("converter-report", ConverterReportParams,
-               help="Collect the train-converter metrics of the declared layers and model "
-                    "types into one flat metrics JSON and a per-layer CSV (top-1 recovery vs "
-                    "layer for dvc plots).")
-def converter_report(params: ConverterReportParams) -> None:
-    found = read_converter_metrics(Path(params.converters), params.layers, params.type_list())
+@stage_command("converter-report", ConverterReportParams, PerLayerParams,
+               help="Collect the train-converter metrics of the layers and model types of "
+                    "per_layer into one flat metrics JSON and a per-layer CSV (top-1 recovery "
+                    "vs layer for dvc plots).")
+def converter_report(params: ConverterReportParams, per_layer: PerLayerParams) -> None:
+    found = read_converter_metrics(Path(params.converters), per_layer.layers,
+                                   per_layer.model_types)
     variants, stats, table = layer_rows(found)
     metrics = {f"{run_name(layer, variant)}_{stat}": row[variant][stat]
                for layer, row in table.items() for variant in row for stat in stats}

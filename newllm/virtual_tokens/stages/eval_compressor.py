@@ -24,7 +24,7 @@ from newllm.core.artifacts import write_csv, write_json, write_metrics
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
-from newllm.core.params import comma_names, param
+from newllm.core.params import param
 from newllm.virtual_tokens.compressor import (
     COMPRESSOR_FILE,
     compressor_dir,
@@ -44,9 +44,8 @@ class EvalCompressorParams:
     e_star_dir: str = param("artifacts/e_star", "build-e-star's output folder (its "
                             "val.safetensors holds the held-out pairs).")
     compressors: str = param("artifacts/compressors", "train-compressor's output folder: "
-                             "reads <compressors>/<run>/compressor.safetensors.")
-    runs: str = param("hyper,qattn,hyper_attn", "Comma-separated train-compressor runs to "
-                      "evaluate (their names: folders of `compressors`).")
+                             "reads <compressors>/<run>/compressor.safetensors for each run "
+                             "of params group compressor_runs.")
     greedy_tokens: int = param(16, "Length of the teacher's greedy continuation compared.",
                                min=1)
     topk: int = param(5, "k of the top-k agreement.", min=1)
@@ -54,22 +53,26 @@ class EvalCompressorParams:
     nearest_examples: int = param(3, "Held-out pairs whose vectors get nearest tokens.",
                                   min=0)
     nearest_k: int = param(5, "Nearest vocabulary tokens per vector.", min=1)
-    metrics: str = param("metrics/e_star/eval.json", "Metrics JSON.")
-    plot: str = param("plots/e_star/eval.csv", "Per-variant means (plot data).")
+    metrics: str = param("metrics/e_star/eval.json", "Metrics JSON.", output="metrics")
+    plot: str = param("plots/e_star/eval.csv", "Per-variant means (plot data).", output="plot")
     nearest: str = param("metrics/e_star/nearest.json", "Nearest vocabulary tokens of a few "
-                         "e* and predicted vectors (JSON).")
+                         "e* and predicted vectors (JSON).", output="metrics")
 
 
 @stage_command("eval-compressor", BaseParams, EvalCompressorParams,
+               reads_runs=("compressor_runs",),
                help="On held-out pairs, compare the base after no context, e*, each "
                     "compressor's vectors and the full text: KL to the teacher, top-1/top-k "
                     "agreement, NLL, greedy agreement length; vector regression and the "
                     "amortization gap of each compressor; nearest tokens of a few vectors.")
-def eval_compressor(base_params: BaseParams, params: EvalCompressorParams) -> None:
-    runs = comma_names(params.runs, "eval_compressor.runs")
-    if len(set(runs)) < len(runs) or set(runs) & RESERVED:
-        raise NewllmError(f"eval_compressor.runs must be comma-separated distinct run names "
-                          f"(not {', '.join(sorted(RESERVED))}), got {params.runs!r}.")
+def eval_compressor(base_params: BaseParams, params: EvalCompressorParams, *,
+                    compressor_runs: list[str]) -> None:
+    """Evaluates every run of params group `compressor_runs` (the runs train-compressor made)."""
+    runs = compressor_runs
+    if set(runs) & RESERVED:
+        raise NewllmError(f"compressor_runs: a run may not be named "
+                          f"{', '.join(sorted(set(runs) & RESERVED))} (the names of the other "
+                          f"variants: {', '.join(sorted(RESERVED))}).")
     base = base_params.load()
     info = base.info.as_dict()
     folder = Path(params.e_star_dir)

@@ -18,6 +18,7 @@ from newllm.core.artifacts import write_csv, write_metrics
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.data import load_split
+from newllm.core.errors import NewllmError
 from newllm.core.params import param
 from newllm.core.runtime import seed_everything
 from newllm.core.tokens import separator_token_id
@@ -28,7 +29,6 @@ from newllm.virtual_tokens.e_star import (
     check_context_fits,
     make_pairs,
     optimize_batch,
-    positive_ints,
     reconstruction_metrics,
 )
 
@@ -37,9 +37,11 @@ from newllm.virtual_tokens.e_star import (
 class ReconstructCapacityParams:
     group = "reconstruct_capacity"
     data: str = param("data/prepared", "Prepared data: texts from val documents.")
-    num_virtual_list: str = param("1,2", "Values of k (virtual tokens) to measure, "
-                                  "comma-separated.")
-    lengths: str = param("4,8,16", "Text lengths in tokens, comma-separated.")
+    # param() gives a list default a default_factory, so instances never share it
+    num_virtual_list: list[int] = param([1, 2], "Values of k (virtual tokens) to measure "  # noqa: RUF009
+                                        "(measured in increasing order).", min=1)
+    lengths: list[int] = param([4, 8, 16], "Text lengths in tokens (in increasing order).",  # noqa: RUF009
+                               min=1)
     texts_per_length: int = param(1, "Texts (distinct documents) per length.", min=1)
     steps: int = param(50, "Adam steps.", min=1)
     lr: float = param(0.1, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
@@ -47,8 +49,14 @@ class ReconstructCapacityParams:
     compute_dtype: str = param("float32", "Precision of the base's forward.",
                                choices=COMPUTE_DTYPES)
     seed: int = param(0, "Seed of the choice of documents.", min=0)
-    metrics: str = param("metrics/e_star/capacity.json", "Metrics JSON.")
-    plot: str = param("plots/e_star/capacity.csv", "Capacity curve (plot data).")
+    metrics: str = param("metrics/e_star/capacity.json", "Metrics JSON.", output="metrics")
+    plot: str = param("plots/e_star/capacity.csv", "Capacity curve (plot data).", output="plot")
+
+    def check(self) -> None:
+        for key in ("num_virtual_list", "lengths"):
+            if not getattr(self, key):
+                raise NewllmError(f"reconstruct_capacity.{key} is empty; list at least one "
+                                  "positive integer.")
 
 
 @stage_command("reconstruct-capacity", BaseParams, ReconstructCapacityParams,
@@ -57,8 +65,7 @@ class ReconstructCapacityParams:
                     "accuracy, greedy exact-match length and the longest exactly reproduced "
                     "length per k.")
 def reconstruct_capacity(base_params: BaseParams, params: ReconstructCapacityParams) -> None:
-    ks = positive_ints(params.num_virtual_list, "reconstruct_capacity.num_virtual_list")
-    lengths = positive_ints(params.lengths, "reconstruct_capacity.lengths")
+    ks, lengths = sorted(set(params.num_virtual_list)), sorted(set(params.lengths))
     base = base_params.load()
     check_context_fits(base.model, 1 + max(ks) + max(lengths),
                        "1 + max(num_virtual_list) + max(lengths)")

@@ -19,10 +19,11 @@ import click
 import torch
 
 from newllm.core.artifacts import atomic_dir, write_metrics
-from newllm.core.base import BaseParams, state_dict_hash
+from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
-from newllm.core.hidden import resolve_layer_index
+from newllm.core.frozen import check_unchanged, freeze
+from newllm.core.hidden import resolve_decoder_layers, resolve_layer_index
 from newllm.core.params import as_dict, param
 from newllm.core.runtime import seed_everything
 from newllm.core.train import (
@@ -42,7 +43,6 @@ from newllm.virtual_tokens.compressor import (
     compressor_dir,
     compressor_loss,
     regression_rows,
-    resolve_decoder_layers,
     save_compressor,
 )
 from newllm.virtual_tokens.e_star import HIDDEN_LOSSES, load_e_star
@@ -63,15 +63,18 @@ class TrainCompressorParams:
     kl_temperature: float = param(1.0, "Distillation temperature of the KL term.", min=1e-6)
     hidden_weight: float = param(0.0, "Weight of the hidden-state match on the follow "
                                  "positions (the layer build-e-star stored).", min=0.0)
-    hidden_layer_index: int = param(-2, "Layer of the hidden-state match; must be the one "
-                                    "build-e-star stored (its hidden_layer_index).")
+    hidden_loss_index: int = param(-2, "Hidden state of the hidden-state match: an index of "
+                                   "HF's hidden_states (0 = embeddings, -1 = last), not a "
+                                   "decoder layer index; must be the one build-e-star stored "
+                                   "(its hidden_loss_index).")
     hidden_loss_type: str = param("cosine_norm", "Hidden-state mismatch.",
                                   choices=HIDDEN_LOSSES)
     attn_weight: float = param(0.0, "Weight of the attention match to the teacher reading "
                                "the whole text, at the positions predicting the follow "
                                "tokens (0 = off).", min=0.0)
-    attn_layers: str = param("-1,-2", "Comma-separated decoder layers of the attention match "
-                             "(negative: from the last).")
+    attn_decoder_layers: list[int] = param([-1, -2], "Decoder layers of the attention "  # noqa: RUF009
+                                           "match: decoder layer indices (0 = the first "
+                                           "decoder layer, negative: from the last).")
     attn_use_weights: bool = param(False, "Match each head's attention distribution (pooled "
                                    "into separator / context / each follow token; KL) rather "
                                    "than the attention sublayer's output (hidden_loss_type).")
@@ -84,10 +87,11 @@ class TrainCompressorParams:
     name: str | None = param(None, "Name of the run (null = the arch): the folder and file "
                              "names below.")
     out_dir: str = param("artifacts/compressors", "Output folder: writes "
-                         "<out_dir>/<name>/compressor.safetensors.")
-    metrics_dir: str = param("metrics/compressor", "Metrics folder: <metrics_dir>/<name>.json.")
+                         "<out_dir>/<name>/compressor.safetensors.", output="container")
+    metrics_dir: str = param("metrics/compressor", "Metrics folder: <metrics_dir>/<name>.json.",
+                             output="container")
     plots_dir: str = param("plots/compressor", "Per-epoch train/val loss: "
-                           "<plots_dir>/<name>.csv.")
+                           "<plots_dir>/<name>.csv.", output="container")
 
     def check(self) -> None:
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
@@ -96,7 +100,7 @@ class TrainCompressorParams:
                               f"digits, _ . -, not starting with a dot), got {self.name!r}.")
 
 
-@stage_command("train-compressor", BaseParams, TrainCompressorParams,
+@stage_command("train-compressor", BaseParams, TrainCompressorParams, runs="compressor_runs",
                help="Train a compressor (hyper or qattn) from build-e-star's context hidden "
                     "states to its e*: cosine + norm regression plus kl_weight x KL of the "
                     "frozen base's next-token distributions to the teacher's, optionally a "
@@ -108,10 +112,10 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
     train = load_e_star(folder / "train.safetensors", info)
     val = load_e_star(folder / "val.safetensors", info)
     extra = train.meta["extra"]
-    hidden_layer = resolve_layer_index(params.hidden_layer_index, base.info.num_layers,
-                                       "train_compressor.hidden_layer_index")
+    hidden_layer = resolve_layer_index(params.hidden_loss_index, base.info.num_layers,
+                                       "train_compressor.hidden_loss_index")
     if params.hidden_weight > 0 and hidden_layer != extra["hidden_layer_index"]:
-        raise NewllmError(f"train_compressor.hidden_layer_index resolves to {hidden_layer} but "
+        raise NewllmError(f"train_compressor.hidden_loss_index resolves to {hidden_layer} but "
                           f"{train.meta.get('stage')} stored the teacher's hidden states at "
                           f"{extra['hidden_layer_index']}; set them equal (or hidden_weight 0).")
     sep_id = int(extra["separator_token_id"])
@@ -121,7 +125,8 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
                               params.hyper_num_layers, params.hyper_ffn_dim)
     compressor = Compressor(config)
     compressor.init_output(train.e_star)
-    attn_layers = tuple(resolve_decoder_layers(params.attn_layers, base.info.num_layers))
+    attn_layers = tuple(resolve_decoder_layers(params.attn_decoder_layers, base.info.num_layers,
+                                               "train_compressor.attn_decoder_layers"))
     weights = LossWeights(params.kl_weight, params.kl_temperature, params.hidden_weight,
                           params.hidden_loss_type, params.attn_weight, attn_layers,
                           params.attn_use_weights)
@@ -145,15 +150,13 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
         return compressor_loss(module, model, val_d, val_rows, sep_id, weights, hidden_layer,
                                device, val_attn).item()
 
-    before = state_dict_hash(model)
+    frozen = freeze(model)
     start = time.perf_counter()
     run = params.name or params.arch
     history = trainer.fit(compressor, loss_fn, len(train.texts), generator, evaluate,
                           desc=f"train-compressor {run}")
     seconds = time.perf_counter() - start
-    unchanged = state_dict_hash(model) == before
-    if not unchanged:
-        raise RuntimeError("the base model's weights changed while training the compressor")
+    check_unchanged(model, frozen, "train-compressor")
     if not is_main_process():
         return
     compressor = compressor.float().eval()
@@ -174,7 +177,7 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
                "attn_weight": params.attn_weight,
                "final_train_loss": history[-1].train_loss, "final_val_loss": history[-1].val_loss,
                "val_regression_loss": regression, "val_cosine": cosine.mean().item(),
-               "base_weights_unchanged": unchanged, "seconds": round(seconds, 2)}
+               "base_weights_unchanged": True, "seconds": round(seconds, 2)}
     write_metrics(Path(params.metrics_dir) / f"{run}.json", metrics)
     click.echo(f"train-compressor {run} ({params.arch}): {metrics['parameters']:,} "
                f"parameters, "

@@ -40,8 +40,9 @@ class TrainConverterParams:
     group = "train_converter"
     pairs_dir: str = param("artifacts/pairs", "Folder of extract-pairs outputs: reads "
                            "<pairs_dir>/layer<L>/pairs.safetensors.")
-    layer_index: int = param(-1, "Layer whose pairs to learn from (HF hidden_states index, "
-                             "-1 = last).")
+    hidden_index: int = param(-1, "Hidden state whose pairs to learn from: an index of HF's "
+                              "hidden_states as extract-pairs took it (0 = embeddings, -1 = "
+                              "last), not a decoder layer index.")
     model_type: str = param("linear", "Converter architecture.", choices=MODEL_TYPES)
     hidden_dim: int = param(1024, "Hidden width of the mlp converter.", min=1)
     epochs: int = param(30, "Passes over the training pairs.", min=1)
@@ -55,11 +56,12 @@ class TrainConverterParams:
     seed: int = param(0, "Seed of the split, the initialization and the batch order.", min=0)
     topk: int = param(5, "k of the top-k token recovery.", min=1)
     out_dir: str = param("artifacts/converters", "Output folder: writes "
-                         "<out_dir>/layer<L>_<model_type>/converter.safetensors.")
+                         "<out_dir>/layer<L>_<model_type>/converter.safetensors.",
+                         output="container")
     metrics_dir: str = param("metrics/converter", "Metrics folder: writes "
-                             "<metrics_dir>/layer<L>_<model_type>.json.")
+                             "<metrics_dir>/layer<L>_<model_type>.json.", output="container")
     plots_dir: str = param("plots/converter", "Plots folder: writes per-epoch train/val loss "
-                           "to <plots_dir>/layer<L>_<model_type>.csv.")
+                           "to <plots_dir>/layer<L>_<model_type>.csv.", output="container")
 
 
 @stage_command("train-converter", BaseParams, TrainConverterParams,
@@ -69,8 +71,8 @@ class TrainConverterParams:
                     "a baseline.")
 def train_converter(base_params: BaseParams, params: TrainConverterParams) -> None:
     base = base_params.load()
-    layer = resolve_layer_index(params.layer_index, base.info.num_layers,
-                                "train_converter.layer_index")
+    layer = resolve_layer_index(params.hidden_index, base.info.num_layers,
+                                "train_converter.hidden_index")
     pairs = load_pairs(pairs_dir(params.pairs_dir, layer) / PAIRS_FILE, base.info.as_dict())
     generator = seed_everything(params.seed)
     train_rows, val_rows = split_by_token(pairs.token_ids, params.val_fraction, generator)

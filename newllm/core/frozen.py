@@ -1,4 +1,9 @@
-"""The base stays frozen: eval mode, no gradients, trainable = 0, weights hash unchanged."""
+"""The base stays frozen: eval mode, no gradients, trainable = 0, weights hash unchanged.
+
+A stage that reads (or trains something against) the frozen base takes `freeze(model)`
+before its work and `check_unchanged(model, before, stage)` after it, before writing
+anything: a changed weight or a parameter that requires grad is a one-line error (exit 2).
+"""
 
 from __future__ import annotations
 
