@@ -390,7 +390,7 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     assert_one_line_error(result, "reconstruct_capacity.lengths is empty")
     result = run_cli("reconstruct-capacity", *common, "--lengths", "[4, 0]", "--metrics",
                      "bad.json", cwd=tmp_path)
-    assert_one_line_error(result, "reconstruct_capacity.lengths) must be a list of integers >= 1")
+    assert_one_line_error(result, "reconstruct_capacity.lengths must be a list of integers >= 1")
     assert not (tmp_path / "bad.json").exists()
 
     result = run_cli("demo-compressor", *common, "--compressor",

@@ -141,7 +141,7 @@ def test_extract_pairs_layer_out_of_range(run_cli, tiny_model, tmp_path, layer):
 
 def test_extract_pairs_max_tokens_zero(run_cli, tiny_model, tmp_path):
     result = _extract(run_cli, tiny_model, tmp_path, "--max-tokens", "0")
-    assert_one_line_error(result, "--max-tokens", "extract_pairs.max_tokens) must be an integer "
+    assert_one_line_error(result, "--max-tokens", "extract_pairs.max_tokens must be an integer "
                           ">= 1")
     assert not (tmp_path / "pairs").exists()
     (tmp_path / "params.yaml").write_text("extract_pairs:\n  max_tokens: 0\n")

@@ -23,6 +23,7 @@ from newllm.core.errors import NewllmError
 from newllm.core.outputs import check_outputs
 from newllm.core.params import (
     build_params,
+    check_value,
     field_specs,
     group_name,
     read_params_file,
@@ -86,12 +87,21 @@ def _number(text: str) -> Any:
         return text
 
 
-def _yaml_value(spec: Any) -> Callable[[Any, Any, Any], Any]:
+def _yaml_value(spec: Any, group: str) -> Callable[[Any, Any, Any], Any]:
     """An option's text as its params.yaml value would be written (`null`, `false`, `[1, 2]`);
     a string parameter takes the text as it is (or `null` where it may be null). The value is
-    then checked by the same rules as params.yaml's."""
+    checked by the same rules as params.yaml's, as a usage error of the option."""
 
     def convert(ctx: Any, param: Any, value: Any) -> Any:
+        if value is None:  # not given: params.yaml's value stands
+            return None
+        parsed = _parse(value)
+        try:
+            return check_value(spec, parsed, f"{group}.{spec.name}")
+        except NewllmError as exc:
+            raise click.BadParameter(str(exc).removesuffix(".")) from None
+
+    def _parse(value: Any) -> Any:
         if value is None:
             return None
         if spec.base is str:
@@ -122,7 +132,7 @@ def _option_for(spec: Any, group: str) -> Callable:
         metavar = "|".join(spec.choices)
     return click.option(flag, spec.name, type=str, default=None, help=help_text,
                         metavar=metavar + ("|null" if spec.optional else ""),
-                        callback=_yaml_value(spec))
+                        callback=_yaml_value(spec, group))
 
 
 def stage_command(name: str, *param_classes: type, help: str, runs: str | None = None,
