@@ -12,13 +12,13 @@ users (whose generations give the directions) and evaluation users.
 from __future__ import annotations
 
 import csv
-import json
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from newllm.core.artifacts import read_json
 from newllm.core.errors import NewllmError
 
 # The 15 tags of LaMP-2 (movie tagging), used when a question's input does not list them.
@@ -65,14 +65,7 @@ class Split:
 # --- LaMP-2 JSON -------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> object:
-    if not path.is_file():
-        raise NewllmError(f"{path} does not exist; expected a LaMP-2 JSON file.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise NewllmError(f"{path}: not valid UTF-8 (byte offset {exc.start}).") from None
-    except json.JSONDecodeError as exc:
-        raise NewllmError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    return read_json(path, "a LaMP-2 JSON file")
 
 
 def outputs_path_for(questions: Path) -> Path:

@@ -112,6 +112,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def read_json(path: str | Path, expected: str, missing: str = "") -> Any:
+    """The JSON value of `path`; one-line errors naming the file and `expected` (what it should
+    hold) for a missing file (`missing` says how to make it), bad UTF-8 or bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise NewllmError(f"{path} does not exist; {missing or 'expected ' + expected}.")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise NewllmError(f"{path}: not valid UTF-8 (byte offset {exc.start}); expected "
+                          f"{expected}.") from None
+    except json.JSONDecodeError as exc:
+        raise NewllmError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected "
+                          f"{expected}.") from None
+
+
+def read_json_object(path: str | Path, expected: str, missing: str = "") -> dict[str, Any]:
+    """`read_json` of a file that must hold a JSON object."""
+    data = read_json(path, expected, missing)
+    if not isinstance(data, dict):
+        raise NewllmError(f"{path}: expected a JSON object ({expected}).")
+    return data
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -14,7 +14,6 @@ memory probes for each other run (the delta-rule / ALiBi ablations), and the bas
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import click
 
-from newllm.core.artifacts import write_metrics
+from newllm.core.artifacts import read_json_object, write_metrics
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
 from newllm.core.params import RunNames, param
@@ -42,16 +41,8 @@ class InfiniReportParams:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NewllmError(f"{path} does not exist; run the stage that writes it "
-                          "(dvc repro).") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NewllmError(f"{path}: not valid JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise NewllmError(f"{path}: expected a JSON object of metrics.")
-    return data
+    return read_json_object(path, "a metrics JSON file",
+                            "run the stage that writes it (dvc repro)")
 
 
 REVERSAL_KEYS = ("forward_ppl", "backward_ppl", "reversal_ratio", "forward_rank_accuracy",

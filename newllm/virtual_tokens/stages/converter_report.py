@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from newllm.core.artifacts import write_csv, write_metrics
+from newllm.core.artifacts import read_json_object, write_csv, write_metrics
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
 from newllm.core.params import param
@@ -66,16 +66,7 @@ def _read_metrics_file(path: Path, layer: int, model_type: str) -> dict[str, Any
     if not path.is_file():
         raise NewllmError(f"{path} does not exist; run `dvc repro train-converter` (or `newllm "
                           f"train-converter --hidden-index {layer} --model-type {model_type}`).")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise NewllmError(f"{path}: not valid UTF-8 (byte offset {exc.start}); expected a "
-                          "train-converter metrics JSON.") from None
-    except json.JSONDecodeError as exc:
-        raise NewllmError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run "
-                          "train-converter.") from None
-    if not isinstance(data, dict):
-        raise NewllmError(f"{path}: expected a JSON object of train-converter metrics.")
+    data = read_json_object(path, "a train-converter metrics JSON (re-run train-converter)")
     topk = data.get("topk")
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         raise NewllmError(f"{path} has no integer 'topk'; it is not a train-converter metrics "
