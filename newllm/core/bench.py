@@ -57,17 +57,10 @@ def stage_checked(params_class: type, **values: tuple[str, Any]) -> Any:
     that sets the stage's `key`. A value the stage refuses is the same one-line error here,
     naming the bench option and the stage key (type, range, choices, then the dataclass's
     `check()`); returns the stage's params object with those values."""
-    from newllm.core.params import check_value, group_name
+    from newllm.core.params import build_params
 
-    specs = {spec.name: spec for spec in field_specs(params_class)}
-    group = group_name(params_class)
-    checked = {key: check_value(specs[key], value, f"option {option} (as {group}.{key})")
-               for key, (option, value) in values.items()}
-    params = params_class(**checked)
-    check = getattr(params, "check", None)
-    if check is not None:
-        check()
-    return params
+    return build_params(params_class, None, {key: value for key, (_, value) in values.items()},
+                        options={key: option for key, (option, _) in values.items()})
 
 def gemm_peak_gflops(shapes: set[tuple[int, int]], rows: int, dtype: torch.dtype,
                      seconds: float = 0.3) -> float:

@@ -249,7 +249,7 @@ def run_names(file_groups: dict[str, Any], runs: str, source: str) -> RunNames:
 
 def build_params(cls: type[P], file_values: dict[str, Any] | None, overrides: dict[str, Any],
                  source: str = "params.yaml", run: dict[str, Any] | None = None,
-                 run_name: str = "") -> P:
+                 run_name: str = "", options: dict[str, str] | None = None) -> P:
     """Make a `cls` from its params.yaml group (`file_values`), the keys of a named run
     (`run`, from `<runs>.<name>`) and command-line `overrides`, in that order."""
     group = group_name(cls)
@@ -267,7 +267,8 @@ def build_params(cls: type[P], file_values: dict[str, Any] | None, overrides: di
     for key, value in (run or {}).items():
         values[key] = check_value(specs[key], value, f"{source}: {run_name}.{key}")
     for key, value in overrides.items():
-        option = "--" + key.replace("_", "-")
+        # `options` names a key's option where it is not the key with dashes (a bench's)
+        option = (options or {}).get(key) or "--" + key.replace("_", "-")
         values[key] = check_value(specs[key], value, f"option {option} ({group}.{key})")
     obj = cls(**values)
     check = getattr(obj, "check", None)
