@@ -13,10 +13,15 @@ import pytest
 import torch
 
 from newllm.chameleon.data import (
+    ProfileItem,
+    Question,
     build_movielens_task,
+    candidates,
     gold_tag,
     majority_accuracy,
     profile_free_oracle_accuracy,
+    profile_rule,
+    random_listed_accuracy,
     read_lamp2,
     split_users,
 )
@@ -34,11 +39,14 @@ from newllm.chameleon.scoring import (
     bootstrap_ci,
     entropy,
     exact_tag,
+    leak_figures,
     macro_f1,
     macro_f1_resampled,
-    paired_bootstrap,
+    null_distribution,
+    paired_difference,
     parse_tag,
     resamples,
+    view_predictions,
 )
 from newllm.core.errors import NewllmError
 from newllm.core.frozen import check_unchanged, freeze
@@ -355,18 +363,21 @@ def test_macro_f1_and_its_resampled_form_agree_with_hand_counts():
     fast = macro_f1_resampled(gold, pred, TAGS, index)
     slow = [macro_f1([gold[i] for i in row], [pred[i] for i in row], TAGS) for row in index]
     assert np.allclose(fast, slow)
-    ci = bootstrap_ci(gold, pred, TAGS, index)
+    ci = bootstrap_ci(gold, pred, TAGS, 200, seed=0)
     assert ci["accuracy"] == 0.5 and ci["accuracy_lo"] <= 0.5 <= ci["accuracy_hi"]
+    assert ci["macro_f1"] == pytest.approx(4 / 9)
+    assert ci["macro_f1_lo"] <= ci["macro_f1"] <= ci["macro_f1_hi"]
 
 
-def test_paired_bootstrap_and_entropy():
+def test_paired_difference_and_entropy():
     a = np.array([1, 1, 1, 0, 1, 1, 0, 1] * 5)
-    index = resamples(len(a), 500, seed=0)
-    same = paired_bootstrap(a, a, index)
-    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0 and same["p_not_better"] == 1
-    better = paired_bootstrap(a, np.zeros_like(a), index)
+    same = paired_difference(a, a, 500, seed=0)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    better = paired_difference(a, np.zeros_like(a), 500, seed=0)
     assert better["diff"] == pytest.approx(0.75) and better["lo"] > 0.5
-    assert better["p_not_better"] == 0
+    # against a mean over draws (fractions): the interval is of the mean difference
+    half = paired_difference(a, np.full(len(a), 0.5), 500, seed=0)
+    assert half["diff"] == pytest.approx(0.25) and half["lo"] < 0.25 < half["hi"]
     uniform = np.log(np.full((1, 4), 0.25))
     assert entropy(uniform)[0] == pytest.approx(np.log(4))
     assert entropy(np.array([[0.0, -1e9]]))[0] == pytest.approx(0.0, abs=1e-9)
@@ -408,3 +419,127 @@ def test_tag_logprobs_equal_one_sequence_at_a_time(tiny):
             logp = torch.log_softmax(logits, -1)
             expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(tag))
             assert float(packed[i, k]) == pytest.approx(expected, abs=1e-4)
+
+
+# --- scoring views, baselines, the null distribution, the leak check ---------------------------
+
+def test_scoring_views_against_a_hand_computed_case():
+    """Tags 0..2 with 1, 2 and 4 tokens; row 0 lists tags 1 and 2, row 1 lists all three."""
+    summed = np.array([[-1.0, -3.0, -4.4],    # per token: -1, -1.5, -1.1
+                       [-2.0, -2.2, -6.0]])   # per token: -2, -1.1, -1.5
+    prior = np.array([[-1.0, -4.0, -4.0],     # per token: -1, -2, -1
+                      [-3.0, -2.0, -8.0]])    # per token: -3, -1, -2
+    lengths, listed = [1, 2, 4], [[1, 2], [0, 1, 2]]
+    # all: summed over every tag (the seed's view) favours the short tag 0 in both rows
+    assert view_predictions(summed, lengths, listed, "all").tolist() == [0, 0]
+    # listed: the best mean log-probability among the row's own candidates
+    assert view_predictions(summed, lengths, listed, "listed").tolist() == [2, 1]
+    # calibrated: minus the no-profile mean; row 0: tag1 -1.5+2 = 0.5, tag2 -1.1+1 = -0.1;
+    # row 1: tag0 -2+3 = 1, tag1 -1.1+1 = -0.1, tag2 -1.5+2 = 0.5
+    assert view_predictions(summed, lengths, listed, "calibrated", prior).tolist() == [1, 0]
+    # a tie goes to the first candidate listed
+    assert view_predictions(np.zeros((1, 3)), lengths, [[2, 0]], "listed").tolist() == [2]
+    with pytest.raises(ValueError, match="prior"):
+        view_predictions(summed, lengths, listed, "calibrated")
+
+
+def test_candidates_profile_rule_and_random_listed_baseline():
+    profile = (ProfileItem("1", "A (1990); genres: Action, Drama", "Action"),
+               ProfileItem("2", "B (1991); genres: Drama", "Drama"),
+               ProfileItem("3", "C (1992); genres: Comedy, Drama", "Drama"))
+    tags = ("Action", "Comedy", "Drama", "War")
+    drama = Question("u-9", "u", "...", profile, "Drama", item_key="Action,Drama")
+    comedy = Question("v-9", "v", "...", profile, "Comedy", item_key="Comedy,War,Action")
+    assert candidates(drama, tags) == ("Action", "Drama")
+    # the rule counts the profile's genres: Drama 3 > Action 1; Comedy 1 = Action 1 > War 0,
+    # a tie that goes to the first listed
+    assert profile_rule(drama, tags) == "Drama" and profile_rule(comedy, tags) == "Comedy"
+    assert random_listed_accuracy((drama, comedy), tags) == pytest.approx((1 / 2 + 1 / 3) / 2)
+    lamp = Question("1", "1", "...", (ProfileItem("a", "text", "comedy"),), "comedy")
+    assert candidates(lamp, ("comedy", "sci-fi")) == ("comedy", "sci-fi")
+    assert profile_rule(lamp, ("sci-fi", "comedy")) == "comedy"  # LaMP-2: by profile tags
+
+
+def test_the_profile_rule_is_the_ceiling_on_movielens(tmp_path):
+    from chameleon_helpers import make_mini_movielens
+
+    task = build_movielens_task(make_mini_movielens(tmp_path / "ml-mini"), high_rating=4,
+                                max_profile_items=6, min_profile_items=3, seed=0)
+    assert all(profile_rule(q, task.tags) == q.gold for q in task.questions)
+    assert all(q.gold in candidates(q, task.tags) for q in task.questions)
+
+
+def test_null_distribution_p_on_a_planted_effect_and_on_none():
+    rng = np.random.default_rng(0)
+    tags = ("a", "b")
+    gold = list(rng.choice(tags, size=100))
+    flip = {"a": "b", "b": "a"}
+
+    def predictions(accuracy: float) -> list[str]:
+        return [g if rng.random() < accuracy else flip[g] for g in gold]
+
+    nulls = [predictions(0.5) for _ in range(19)]
+    planted, draws = null_distribution(gold, predictions(0.8), nulls, tags, 500, 0, "listed")
+    assert planted["edit_null_rank_listed"] == 1 and planted["edit_null_p_listed"] == 0.05
+    assert planted["edit_minus_null_listed_lo"] > 0.15
+    assert planted["null_listed_accuracy_sd"] == pytest.approx(np.std(draws["accuracy"],
+                                                                      ddof=1))
+    # no effect: the edit is one more draw of the same distribution, so p is uniform on
+    # {1/20, ..., 20/20} over seeds (ties only make p larger)
+    ps = []
+    for _ in range(300):
+        ps.append(null_distribution(gold, predictions(0.5), [predictions(0.5) for _ in range(19)],
+                                    tags, 20, 0, "listed")[0]["edit_null_p_listed"])
+    ps = np.array(ps)
+    assert 0.45 < ps.mean() < 0.65
+    assert (ps <= 0.05).mean() < 0.1 and (ps <= 0.5).mean() > 0.3
+
+
+def test_leak_figures_on_planted_generations():
+    listed = [("Drama", "War"), ("Comedy", "Drama", "Romance"), ("Action", "Drama")]
+    golds = ["Drama", "Comedy", "Action"]
+    clean = ["A war story with drama.", "A drama and romance comedy.", "Action and drama."]
+    figures = leak_figures(clean, golds, listed)  # every listed genre named: no leak
+    assert figures["names_gold_share"] == 1 and figures["names_other_candidate_share"] == 1
+    assert figures["leak"] == 0
+    leaky = ["It is a drama.", "A comedy.", "Pure action."]  # only the gold named
+    figures = leak_figures(leaky, golds, listed)
+    assert figures["leak"] == 1 and figures["names_other_candidate_share"] == 0
+    half = ["It is a drama.", "A drama.", "Pure action."]  # 2 golds; 1 other of 2 in text 2
+    figures = leak_figures(half, golds, listed)
+    assert figures["names_gold_share"] == pytest.approx(2 / 3)
+    assert figures["names_other_candidate_share"] == pytest.approx(0.5 / 3)
+    assert figures["leak"] == pytest.approx(2 / 3 - 0.5 / 3)
+    assert figures["leak_lo"] <= figures["leak"] <= figures["leak_hi"]
+    assert leak_figures(["x"], ["Drama"], [("Drama",)]) == {"leak_texts": 0}
+
+
+def test_within_genre_leak_separates_a_genre_prior_from_a_leak():
+    # every text names Drama and nothing else; Drama is the gold in 3 of 4 questions: the raw
+    # figure sees a leak, the within-genre one none (Drama is named whether gold or not)
+    listed = [("Drama", "War"), ("Comedy", "Drama"), ("Drama", "Romance"), ("Action", "Drama")]
+    golds = ["Drama", "Drama", "Drama", "Action"]
+    prior = leak_figures(["a drama"] * 4, golds, listed)
+    assert prior["leak"] == pytest.approx((3 * 1 + 0 - 1) / 4)
+    # Drama: named 3/3 as gold, 1/1 as another candidate; Action: 0/1 as gold, never other
+    assert prior["leak_within_genre"] == 0
+    # texts that name exactly the gold: within each genre seen both ways, rate 1 against 0
+    texts = ["a drama", "a drama", "a drama", "an action film"]
+    listed[1] = ("Action", "Drama")
+    golds = ["Drama", "Action", "Drama", "Action"]
+    texts[1] = "an action film"
+    leaky = leak_figures(texts, golds, listed)
+    assert leaky["leak_within_genre"] == pytest.approx(1.0)
+    assert leaky["leak_within_genre_lo"] <= 1.0 <= leaky["leak_within_genre_hi"] + 1e-12
+
+
+def test_alpha_only_edit_is_parallel_to_theta_p_and_linear_in_alpha_beta():
+    """The seed's two numerical checks, as unit tests (they hold by construction of edit_of)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 24, generator=g, dtype=torch.float64)
+    p_hat, n_hat = (v / v.norm() for v in torch.randn(2, 24, generator=g, dtype=torch.float64))
+    only_p = edit_of(x, p_hat, n_hat, 0.6, 0.0)
+    cos = (only_p @ p_hat).abs() / only_p.norm(dim=-1)
+    assert torch.allclose(cos, torch.ones(7, dtype=torch.float64))
+    once, twice = edit_of(x, p_hat, n_hat, 0.6, 0.4), edit_of(x, p_hat, n_hat, 1.2, 0.8)
+    assert torch.allclose(twice, 2 * once)

@@ -24,7 +24,8 @@ def run_line(run_cli, model: Path, cwd: Path, *, scope: str = "global", users: s
     # relative, so two folders record the same params (and write the same bytes)
     common = ("--model", str(model), "--data", "ml-mini", *DATA)
     result = run_cli("self-generate", *common, "--users", users, "--max-new-tokens", "4",
-                     "--out", "gen.safetensors", "--metrics", "sg.json", cwd=cwd)
+                     "--max-leak", "1", "--out", "gen.safetensors", "--metrics", "sg.json",
+                     cwd=cwd)
     assert result.code == 0, result.err
     result = run_cli("estimate-directions", "--model", str(model), "--generations",
                      "gen.safetensors", "--target-decoder-layers", layers, "--direction-scope",
@@ -33,6 +34,7 @@ def run_line(run_cli, model: Path, cwd: Path, *, scope: str = "global", users: s
     assert result.code == 0, result.err
     result = run_cli("eval-chameleon", *common, "--directions", "dir.safetensors",
                      "--max-new-tokens", "3", "--bootstrap", "50", "--sweep-alphas", "1.2",
+                     "--null-draws", "4", "--null-users", "4", "--gen-users", "2",
                      "--control-vector", "cv.gguf", "--predictions", "pred.json",
                      "--metrics", "ev.json", "--plot", "alpha.csv", *extra_eval, cwd=cwd)
     assert result.code == 0, result.err
@@ -44,15 +46,20 @@ def test_the_line_runs_and_is_deterministic(run_cli, tiny_model, tmp_path):
     second = run_line(run_cli, tiny_model, tmp_path / "b")
     for name in ("gen.safetensors", "dir.safetensors", "cv.gguf", "pred.json", "alpha.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    for name in ("sg", "ed", "ev"):  # every figure but the wall time
-        assert {k: v for k, v in first[name].items() if k != "seconds"} == \
-            {k: v for k, v in second[name].items() if k != "seconds"}
+    for name in ("sg", "ed", "ev"):  # every figure but the wall times
+        assert {k: v for k, v in first[name].items() if not k.startswith("seconds")} == \
+            {k: v for k, v in second[name].items() if not k.startswith("seconds")}
     sg, ed, ev = first["sg"], first["ed"], first["ev"]
     for metrics in (sg, ed, ev):  # frozen: nothing trainable, weights unchanged
         assert metrics["trainable_params"] == 0 and metrics["total_params"] > 0
         assert metrics["weights_unchanged"] is True
     assert sg["users"] == 4 and sg["generations"] == 8
-    assert 0 <= sg["neutral_clean_share"] <= 1
+    assert sg["neutral_leak_texts"] >= 1 and -1 <= sg["neutral_leak_within_genre"] <= 1
+    gen_meta = read_meta(tmp_path / "a" / "gen.safetensors")
+    profile_of = gen_meta["extra"]["mismatched_profile_of"]
+    direction = gen_meta["extra"]["direction_users"]
+    assert sorted(profile_of) == sorted(direction)
+    assert all(a != b for a, b in zip(direction, profile_of, strict=True))  # a derangement
     meta = read_meta(tmp_path / "a" / "dir.safetensors")
     assert meta["kind"] == "chameleon-directions" and meta["extra"]["direction_scope"] == "global"
     layer = meta["extra"]["layers"]["model.layers.1.mlp"]
@@ -60,23 +67,39 @@ def test_the_line_runs_and_is_deterministic(run_cli, tiny_model, tmp_path):
     assert {"sigma1_share_p", "sigma1_share_diff", "diff_cos_mean", "angle_deg"} <= \
         set(layer["quality"])
     assert meta["shapes"]["layer1.theta_p"] == [32]
+    assert meta["extra"]["mismatched"] is True
+    assert meta["shapes"]["mismatched.layer1.theta_p"] == [32]
     assert ev["eval_users"] == 6 and ev["layers"] == "0,1"
-    for condition in ("no_profile", "personalized", "edit", "null"):
-        for scoring in ("gen", "lik"):
-            low, acc, high = (ev[f"{condition}_{scoring}_accuracy{s}"] for s in ("_lo", "", "_hi"))
+    for condition in ("no_profile", "personalized", "edit", "mismatched"):
+        for view in ("listed", "calibrated", "all"):
+            if condition == "no_profile" and view == "calibrated":
+                assert "no_profile_calibrated_accuracy" not in ev
+                continue
+            low, acc, high = (ev[f"{condition}_{view}_accuracy{s}"] for s in ("_lo", "", "_hi"))
             assert 0 <= low <= acc <= high <= 1
-    assert ev["edit_ratio_realized"] == pytest.approx(0.025, rel=1e-3)
-    assert ev["null_ratio_realized"] == pytest.approx(0.025, rel=1e-3)
-    assert ev["check_projection_parallelism"] == pytest.approx(1.0, abs=1e-6)
-    assert ev["check_alpha_linearity_error"] < 1e-9
+    for condition in ("no_profile", "personalized", "edit", "null"):
+        assert 0 <= ev[f"{condition}_gen_accuracy"] <= 1
+    assert ev["gen_users"] == 2 and ev["null_users"] == 4 and ev["null_draws"] == 4
+    for view in ("listed", "calibrated", "all"):
+        assert ev[f"edit_null_p_{view}"] == ev[f"edit_null_rank_{view}"] / 5
+        assert ev[f"null_{view}_accuracy_min"] <= ev[f"null_{view}_accuracy_mean"] \
+            <= ev[f"null_{view}_accuracy_max"]
+    assert ev["checks_passed"] is True and ev["check_restored_bit_identical"] is True
+    assert ev["check_theta_p_gain"] == pytest.approx(0.6, rel=1e-4)
+    assert ev["profile_rule_accuracy"] == 1.0  # the ceiling, by the gold rule
+    assert ev["random_listed_accuracy"] == pytest.approx(1 / ev["candidates_mean"], rel=0.5)
     assert 0 < ev["majority_accuracy"] <= 1 and 0 < ev["profile_free_oracle_accuracy"] <= 1
-    # the likelihood scoring always names a tag
+    # every view's answer is a tag; the listed and calibrated ones are among the candidates
     predictions = json.loads((tmp_path / "a" / "pred.json").read_text())
     tags = set(predictions["tags"])
-    assert all(q["edit_lik"] in tags for q in predictions["questions"])
-    # the sweep: alpha 0 (personalized), the sweep alpha and the run's own alpha
+    for q in predictions["questions"]:
+        assert q["edit_all"] in tags and q["edit_listed"] in q["candidates"]
+        assert q["mismatched_calibrated"] in q["candidates"]
+    assert sum(q["null_subset"] for q in predictions["questions"]) == 4
+    assert len(predictions["null_draws"]["listed"]["accuracy"]) == 4
+    # the sweep: alpha 0 (personalized), the run's own alpha and the sweep alpha
     rows = (tmp_path / "a" / "alpha.csv").read_text().splitlines()
-    assert rows[0] == "alpha,beta,edit_accuracy,edit_ratio,null_accuracy,null_ratio"
+    assert rows[0] == "alpha,beta,edit_accuracy,null_accuracy"
     assert [float(r.split(",")[0]) for r in rows[1:]] == [0.0, 0.6, 1.2]
     meta, vectors = read_control_vector(tmp_path / "a" / "cv.gguf")
     assert meta["general.architecture"] == "controlvector" and set(vectors) == {1}
@@ -84,16 +107,18 @@ def test_the_line_runs_and_is_deterministic(run_cli, tiny_model, tmp_path):
 
 def test_per_user_directions(run_cli, tiny_model, tmp_path):
     metrics = run_line(run_cli, tiny_model, tmp_path, scope="per_user", users="all",
-                       layers="[1]", extra_eval=("--scoring", "likelihood"))
+                       layers="[1]", extra_eval=("--gen-users", "0"))
     meta = read_meta(tmp_path / "dir.safetensors")
     assert meta["shapes"]["layer1.theta_p"] == [10, 32]  # direction and evaluation users
     assert metrics["ev"]["direction_scope"] == "per_user"
     assert metrics["ev"]["edit_ratio_realized"] == pytest.approx(0.025, rel=1e-3)
+    assert metrics["ev"]["checks_passed"] is True
+    assert "mismatched_listed_accuracy" not in metrics["ev"]  # a global-scope null only
 
 
 def test_eval_refuses_layers_the_directions_lack_and_per_user_without_eval_users(
         run_cli, tiny_model, tmp_path):
-    run_line(run_cli, tiny_model, tmp_path, layers="[1]", extra_eval=("--scoring", "likelihood",
+    run_line(run_cli, tiny_model, tmp_path, layers="[1]", extra_eval=("--gen-users", "0",
                                                                      "--sweep-alphas", "[]"))
     common = ("--model", str(tiny_model), "--data", str(tmp_path / "ml-mini"), *DATA,
               "--directions", "dir.safetensors", "--metrics", "x.json")
@@ -112,7 +137,7 @@ def test_eval_refuses_layers_the_directions_lack_and_per_user_without_eval_users
 
 
 def test_generate_command_prints_both(run_cli, tiny_model, tmp_path):
-    run_line(run_cli, tiny_model, tmp_path, layers="[1]", extra_eval=("--scoring", "likelihood",
+    run_line(run_cli, tiny_model, tmp_path, layers="[1]", extra_eval=("--gen-users", "0",
                                                                      "--sweep-alphas", "[]"))
     result = run_cli("generate", "--model", str(tiny_model), "--directions", "dir.safetensors",
                      "--prompt", "The river flows", "--max-new-tokens", "4", "--alpha", "2",
@@ -128,21 +153,27 @@ def test_real_default_model_a_few_users_end_to_end(run_cli, real_assets, tmp_pat
     data = ("--data", str(real_assets / "ml-100k"), "--num-direction-users", "3",
             "--num-eval-users", "4", "--max-profile-items", "4")
     result = run_cli("self-generate", "--model", str(model), *data, "--max-new-tokens", "8",
-                     "--out", "gen.safetensors", "--metrics", "sg.json", cwd=tmp_path)
+                     "--max-leak", "1", "--out", "gen.safetensors", "--metrics", "sg.json",
+                     cwd=tmp_path)
     assert result.code == 0, result.err
     result = run_cli("estimate-directions", "--model", str(model), "--out", "dir.safetensors",
                      "--generations", "gen.safetensors", "--metrics", "ed.json", cwd=tmp_path)
     assert result.code == 0, result.err
     result = run_cli("eval-chameleon", "--model", str(model), *data, "--directions",
                      "dir.safetensors", "--max-new-tokens", "10", "--bootstrap", "50",
-                     "--sweep-alphas", "[]", "--control-vector", "cv.gguf", "--predictions",
-                     "pred.json", "--metrics", "ev.json", "--plot", "alpha.csv", cwd=tmp_path)
+                     "--sweep-alphas", "[]", "--null-draws", "2", "--gen-users", "2",
+                     "--control-vector", "cv.gguf", "--predictions", "pred.json",
+                     "--metrics", "ev.json", "--plot", "alpha.csv", cwd=tmp_path)
     assert result.code == 0, result.err
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["trainable_params"] == 0 and ev["weights_unchanged"] is True
     assert 130_000_000 < ev["total_params"] < 140_000_000  # SmolLM2-135M
     assert ev["layers"] == "21,29" and ev["tags"] == 18
     assert ev["edit_ratio_realized"] == pytest.approx(0.025, rel=1e-3)
+    # the edit's checks on the real base (layers 21 and 29 of 30)
+    assert ev["checks_passed"] is True and ev["check_lower_layers_bit_identical"] is True
+    assert ev["check_resumed_pass_max_abs_diff"] <= 1e-4
+    assert ev["profile_rule_accuracy"] == 1.0 and ev["candidates_mean"] >= 2
     # the real model names a tag at least sometimes when the prompt lists them
     assert max(ev[f"{c}_gen_valid_tag_rate"] for c in ("no_profile", "personalized", "edit",
                                                        "null")) > 0

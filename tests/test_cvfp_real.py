@@ -45,3 +45,24 @@ def test_cvfp_on_the_real_embeddings(real_assets):
                       TrainConfig("phase2_token", 3, 32, 1e-2), torch.Generator())
     after, accuracy, _ = evaluate(model, contexts, ids, separator, torch.device("cpu"))
     assert after < before - 1.0 and accuracy > 0.1
+
+
+def test_shortlist_training_and_zero_control_on_the_real_head(real_assets):
+    """The shortlist softmax trains against the real 49k-token tied head (val figures on the
+    full head), with real and with zero contexts (the tiny-stream test shows which wins)."""
+    from newllm.cvfp.phase2 import control_contexts
+
+    base = load_base(str(real_assets / "smollm2-135m"), device="cpu")
+    embeddings = base.model.get_input_embeddings().weight.detach().float()
+    ids = torch.tensor(base.tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    separator = base.tokenizer.eos_token_id
+    for mode in ("cvfp", "zeros"):
+        torch.manual_seed(0)
+        model = CVFPLM(CVFPConfig(embeddings.shape[0], embeddings.shape[1], num_blocks=1,
+                                  context_dim=32), embeddings)
+        contexts = control_contexts(stream_contexts(model, ids, chunk_tokens=64), mode)
+        before, _, _ = evaluate(model, contexts, ids, separator, torch.device("cpu"))
+        history = train_token_block(model, (contexts, ids), (contexts, ids), separator,
+                                    TrainConfig("phase2_token", 4, 32, 1e-2), torch.Generator(),
+                                    shortlist=64)
+        assert history[-1].val_loss < before - 1.0

@@ -180,7 +180,8 @@ def test_kl_gradient_reaches_the_compressor_and_no_base_parameter(tiny, arch):
     top = teacher.logp.topk(8, dim=-1)
     context = torch.nn.utils.rnn.pad_sequence(teacher.context_hidden, batch_first=True)
     mask = torch.arange(context.shape[1])[None] < torch.tensor([len(t) for t in texts])[:, None]
-    data = EStarSet(torch.randn(2, 1, 32), texts, follows, context, mask, top.values,
+    data = EStarSet(torch.randn(2, 1, 32), torch.ones(2, dtype=torch.bool), torch.arange(2),
+                    texts, follows, context, mask, top.values,
                     top.indices, teacher.hidden, torch.zeros(2), torch.zeros(2), {})
     compressor = Compressor(CompressorConfig(arch, 32, 32, 1, num_heads=4, ffn_dim=16))
     cpu = torch.device("cpu")
@@ -253,7 +254,8 @@ def test_attention_match_is_zero_when_the_student_reads_the_text_itself(tiny, us
     assert targets.shape[:2] == (2, 2) and targets.shape[-2:] == (
         (width, 2 + width) if use_weights else (width, 32))
     context = torch.zeros(2, 4, 32)
-    data = EStarSet(vectors, texts, follows, context, torch.ones(2, 4, dtype=torch.bool),
+    data = EStarSet(vectors, torch.ones(2, dtype=torch.bool), torch.arange(2), texts, follows,
+                    context, torch.ones(2, 4, dtype=torch.bool),
                     torch.zeros(2, width, 1), torch.zeros(2, width, 1, dtype=torch.long), None,
                     torch.zeros(2), torch.zeros(2), {})
     weights = LossWeights(kl_weight=0.0, attn_weight=1.0, attn_layers=layers,
@@ -306,12 +308,14 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     common = ("--model", model, "--device", "cpu")
     result = run_cli("build-e-star", *common, "--data", str(prepared_tiny), "--num-virtual",
                      "2", "--steps", "40", "--lr", "0.1", "--num-samples", "6",
-                     "--val-samples", "3", "--text-tokens", "16", "--follow-tokens", "6",
+                     "--e-star-samples", "4", "--val-samples", "3", "--text-tokens", "16",
+                     "--follow-tokens", "6",
                      "--hidden-loss-index", "1", "--context-hidden-index", "1",
                      "--teacher-topk", "16", "--batch-size", "4", cwd=tmp_path)
     assert result.code == 0, result.err
     build = read_json(tmp_path / "metrics/e_star/build.json")
     assert build["train_pairs"] == 6 and build["val_pairs"] == 3
+    assert build["train_e_star_pairs"] == 4 and build["val_e_star_pairs"] == 3
     assert build["val_final_kl"] < 0.5 * build["val_no_context_kl"]
     from newllm.core.artifacts import load_artifact
 
@@ -320,8 +324,16 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     assert e_star["e_star"].shape == (3, 2, 32)
     assert e_star["context_hidden"].shape == (3, 16, 32)
     assert e_star["teacher_topk_logp"].shape == (3, 6, 16)
+    assert e_star["has_e_star"].all()
     # held-out pairs come from val documents only
     assert e_star.meta["extra"]["split"] == "val"
+    train_set = load_artifact(tmp_path / "artifacts/e_star/train.safetensors",
+                              kind="virtual-token-e-star")
+    has = train_set["has_e_star"].bool()
+    assert int(has.sum()) == 4 and train_set["teacher_topk_logp"].shape[0] == 6
+    # the pairs without an e* have zero vectors and no final KL (not a made-up one)
+    assert (train_set["e_star"][~has] == 0).all() and train_set["final_kl"][~has].isnan().all()
+    assert (train_set["e_star"][has].norm(dim=-1) > 0).all()
 
     # the runs of compressor_runs (as dvc.yaml's foreach runs them: `--run NAME --name NAME`),
     # each trying another setting here: plain hyper; qattn matching attention weights;
@@ -329,7 +341,11 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     # same run names
     runs = {"hyper": {"arch": "hyper", "attn_weight": 0.0, "attn_use_weights": False},
             "qattn": {"arch": "qattn", "attn_weight": 0.5, "attn_use_weights": True},
-            "hyper_attn": {"arch": "hyper", "attn_weight": 0.5, "attn_use_weights": False}}
+            "hyper_attn": {"arch": "hyper", "attn_weight": 0.5, "attn_use_weights": False},
+            "hyper_s1": {"arch": "hyper", "attn_weight": 0.0, "attn_use_weights": False,
+                         "seed": 1},
+            "hyper_k3": {"arch": "hyper", "attn_weight": 0.0, "attn_use_weights": False,
+                         "num_virtual": 3}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"compressor_runs": runs}))
     for run, keys in runs.items():
         result = run_cli("train-compressor", *common, "--run", run, "--name", run,
@@ -343,6 +359,15 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
         assert trained["attn_weight"] == keys["attn_weight"]
         assert (tmp_path / f"plots/compressor/{run}.csv").is_file()
         assert (tmp_path / f"artifacts/compressors/{run}/compressor.safetensors").is_file()
+        # regression where an e* of the compressor's k exists (4 training pairs), else none
+        assert trained["train_pairs"] == 6
+        assert trained["regression_pairs"] == (0 if run == "hyper_k3" else 4)
+        assert ("val_cosine" in trained) == (run != "hyper_k3")
+    result = run_cli("train-compressor", *common, "--num-virtual", "3", "--kl-weight", "0",
+                     "--out-dir", "bad", "--metrics-dir", "bad_metrics", cwd=tmp_path)
+    assert_one_line_error(result, "train_compressor.num_virtual 3 differs from the e* set's 2, "
+                                  "so there is no regression target")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad_metrics").exists()
     result = run_cli("train-compressor", *common, "--arch", "hyper", "--num-heads", "4",
                      "--attn-weight", "0.5", "--attn-decoder-layers", "[0, 2]", "--out-dir",
                      "bad", "--metrics-dir", "bad_metrics", cwd=tmp_path)
@@ -358,13 +383,30 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     assert ev["e_star_kl"] < ev["no_context_kl"]
     assert abs(ev["e_star_kl"] - ev["e_star_stored_kl"]) < 1e-3
     assert ev["compression_ratio"] == 8.0
-    for run in ("hyper", "qattn", "hyper_attn"):
+    for run in runs:
         assert ev[f"{run}_amortization_gap"] == pytest.approx(ev[f"{run}_kl"]
-                                                              - ev["e_star_kl"])
-        assert ev[f"{run}_minus_mean_e_star_kl"] == pytest.approx(ev[f"{run}_kl"]
-                                                                  - ev["mean_e_star_kl"])
+                                                              - ev["e_star_kl"], abs=1e-6)
+        for control in ("shuffled", "mean_output"):
+            assert ev[f"{run}_minus_{control}_kl"] == pytest.approx(
+                ev[f"{run}_kl"] - ev[f"{run}_{control}_kl"], abs=1e-6)
+        for control in ("mean_e_star", "norm_matched"):
+            assert ev[f"{run}_minus_{control}_kl"] == pytest.approx(
+                ev[f"{run}_kl"] - ev[f"{control}_kl"], abs=1e-6)
+        lo, hi = ev[f"{run}_minus_shuffled_kl_lo"], ev[f"{run}_minus_shuffled_kl_hi"]
+        assert lo <= ev[f"{run}_minus_shuffled_kl"] <= hi
+    assert ev["hyper_k3_num_virtual"] == 3 and ev["hyper_k3_compression_ratio"] == 16 / 3
+    assert "hyper_k3_cosine" not in ev and "hyper_cosine" in ev  # vectors vs e* of one k only
+    # hyper and hyper_s1 differ only in their seed: summarised over seeds
+    assert ev["hyper_over_seeds_kl_n"] == 2
+    assert ev["hyper_over_seeds_kl_mean"] == pytest.approx(
+        (ev["hyper_kl"] + ev["hyper_s1_kl"]) / 2)
+    # the oracle reading another pair's e* is worse than its own on this model
+    assert ev["e_star_shuffled_kl"] > ev["e_star_kl"]
+    for variant in ("no_context", "e_star", "e_star_shuffled", "norm_matched", "random"):
+        assert ev[f"{variant}_kl_lo"] <= ev[f"{variant}_kl"] <= ev[f"{variant}_kl_hi"]
     # the control: one vector set for every pair, the mean of the training e*
     assert ev["mean_e_star_mse"] > 0 and ev["mean_e_star_kl"] > ev["e_star_kl"]
+    assert ev["norm_matched_rel_norm_err"] < ev["mean_e_star_rel_norm_err"]
     nearest = read_json(tmp_path / "metrics/e_star/nearest.json")["examples"]
     assert len(nearest) == 3 and len(nearest[0]["e_star"]) == 2
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"compressor_runs": {
@@ -380,11 +422,18 @@ def test_stages_end_to_end_on_the_taught_model(run_cli, taught_model, prepared_t
     assert not (tmp_path / "bad.json").exists()
 
     result = run_cli("reconstruct-capacity", *common, "--data", str(prepared_tiny),
-                     "--num-virtual-list", "[2, 1, 2]", "--lengths", "[2, 4]", "--steps", "60",
+                     "--num-virtual-list", "[2, 1, 2]", "--lengths", "[2, 4]",
+                     "--texts-per-length", "2", "--max-steps", "100", "--lr", "0.1",
                      cwd=tmp_path)
     assert result.code == 0, result.err
     capacity = read_json(tmp_path / "metrics/e_star/capacity.json")
     assert {"capacity_k1", "capacity_k2"} <= set(capacity)  # sorted, distinct
+    for k, n in itertools.product((1, 2), (2, 4)):
+        share = capacity[f"k{k}_len{n}_exact"]
+        assert capacity[f"k{k}_len{n}_failures"] == round(2 * (1 - share))
+        assert capacity[f"k{k}_len{n}_exact_lo"] <= share <= capacity[f"k{k}_len{n}_exact_hi"]
+    curve = (tmp_path / "plots/e_star/capacity.csv").read_text().splitlines()
+    assert len(curve) == 1 + 2 * 2 * 2  # one row per k, length and text
     result = run_cli("reconstruct-capacity", *common, "--lengths", "[]", "--metrics", "bad.json",
                      cwd=tmp_path)
     assert_one_line_error(result, "reconstruct_capacity.lengths is empty")
@@ -440,3 +489,128 @@ def test_real_default_base_e_star_beats_no_context(real_assets):
     baseline = no_context_kl(base.model, sep, follows, teacher)
     assert (result.final_loss < baseline).all(), (result.final_loss, baseline)
     assert result.final_loss.mean() < 0.8 * baseline.mean()
+
+
+def plain_adam(tiny, text: torch.Tensor, k: int, lr: float, steps: int) -> torch.Tensor:
+    """The reference: one text crammed alone, a plain Adam loop at a constant lr, the whole
+    model run on `[sep, vectors, text]` (position k, the last virtual one, predicts text[0])."""
+    table = tiny.model.get_input_embeddings()
+    vectors = table.weight.detach().mean(dim=0).repeat(k, 1).requires_grad_(True)
+    optimizer = torch.optim.Adam([vectors], lr=lr)
+    for _ in range(steps):
+        embeds = torch.cat([table(torch.tensor([SEP])), vectors, table(text.long())])
+        logits = tiny.model(inputs_embeds=embeds[None]).logits[0, k:k + len(text)]
+        loss = F.cross_entropy(logits, text.long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return vectors.detach()
+
+
+def test_early_stopping_keeps_exact_rows_frozen_and_stops_the_others(tiny):
+    from newllm.virtual_tokens.e_star import reconstruct_until_exact
+
+    texts = [ids_of(tiny, s)[:n] for s, n in ((SENTENCES_0, 3), (SENTENCES_0, 12),
+                                               ("Mathematics studies numbers, shapes and "
+                                                "the patterns that connect them.", 8))]
+    config = EStarConfig("reconstruct", 1, 60, 0.05)
+    result = reconstruct_until_exact(tiny.model, config, SEP, texts, max_steps=60)
+    assert result.exact.any() and not result.exact.all(), result  # a mix, so both paths run
+    for i, text in enumerate(texts):
+        # every row's e* is the one a plain Adam loop gives it alone after its own steps:
+        # rows that became exact stopped there, whatever the others did afterwards
+        alone = plain_adam(tiny, text, 1, 0.05, int(result.steps[i]))
+        assert torch.allclose(result.e_star[i], alone, atol=1e-4), i
+        if result.exact[i]:
+            assert result.steps[i] < 60 and result.exact_len[i] == len(text)
+            # one step earlier it was not yet exact (it stopped at the first exact step)
+            if result.steps[i] > 0:
+                _, earlier = reconstruction_metrics(
+                    tiny.model, SEP, plain_adam(tiny, text, 1, 0.05,
+                                                int(result.steps[i]) - 1)[None], [text])
+                assert earlier[0] < len(text)
+        else:
+            assert result.steps[i] == 60 and result.exact_len[i] < len(text)
+    # a larger cap changes nothing for the rows that were exact: their vectors are frozen
+    longer = reconstruct_until_exact(tiny.model, config, SEP, texts, max_steps=90)
+    for i in result.exact.nonzero().flatten().tolist():
+        assert torch.allclose(longer.e_star[i], result.e_star[i], atol=1e-5)
+        assert longer.steps[i] == result.steps[i]
+
+
+def test_kl_alone_on_pairs_without_e_star_lowers_the_held_out_kl(tiny):
+    """train-compressor's loss with no e* for any pair (and another k than e* would have):
+    the KL term alone trains the compressor, and the held-out KL goes down."""
+    from conftest import SENTENCES
+
+    from newllm.core.train import TrainConfig, Trainer
+    from newllm.virtual_tokens.compressor import (
+        Compressor,
+        CompressorConfig,
+        LossWeights,
+        compressor_loss,
+    )
+    from newllm.virtual_tokens.e_star import EStarSet, pad_ids
+
+    def pairs_set(sentences: list[str]) -> EStarSet:
+        texts = [ids_of(tiny, s)[:8] for s in sentences]
+        follows = [ids_of(tiny, s)[8:13] for s in sentences]
+        teacher = teacher_outputs(tiny.model, SEP, texts, follows, hidden_layer=None,
+                                  context_layer=1)
+        top = teacher.logp.topk(16, dim=-1)
+        context = torch.nn.utils.rnn.pad_sequence(teacher.context_hidden, batch_first=True)
+        n = len(texts)
+        return EStarSet(torch.zeros(n, 1, 32), torch.zeros(n, dtype=torch.bool),
+                        torch.arange(n), texts, follows, context,
+                        torch.ones(n, context.shape[1], dtype=torch.bool), top.values,
+                        top.indices, None, torch.full((n,), float("nan")), torch.zeros(n), {})
+
+    train, held_out = pairs_set(SENTENCES[:12]), pairs_set(SENTENCES[12:16])
+    assert pad_ids(train.texts)[0].shape == (12, 8)
+    torch.manual_seed(0)
+    compressor = Compressor(CompressorConfig("hyper", 32, 32, num_virtual=2, num_heads=4,
+                                             num_layers=1, ffn_dim=32))
+    weights = LossWeights(kl_weight=1.0)
+    rows = torch.arange(4)
+
+    def held_out_kl() -> float:
+        with torch.no_grad():
+            return compressor_loss(compressor, tiny.model, held_out, rows, SEP, weights, None,
+                                   torch.device("cpu")).item()
+
+    before = held_out_kl()
+    trainer = Trainer(TrainConfig("train_compressor", epochs=30, batch_size=4, lr=3e-3))
+    history = trainer.fit(compressor, lambda m, r: compressor_loss(
+        m, tiny.model, train, r, SEP, weights, None, torch.device("cpu")), 12,
+        torch.Generator().manual_seed(0))
+    assert history[-1].train_loss < history[0].train_loss
+    assert held_out_kl() < 0.9 * before, (before, held_out_kl())
+
+
+def test_more_pairs_with_e_star_than_training_pairs_is_refused(run_cli, tiny_model, tmp_path):
+    result = run_cli("build-e-star", "--model", str(tiny_model), "--device", "cpu",
+                     "--num-samples", "4", "--e-star-samples", "5", cwd=tmp_path)
+    assert_one_line_error(result, "build_e_star.e_star_samples (5) must not exceed "
+                                  "num_samples (4)")
+    result = run_cli("build-e-star", "--model", str(tiny_model), "--device", "cpu",
+                     "--val-samples", "1", cwd=tmp_path)
+    assert_one_line_error(result, "build_e_star.val_samples")  # a derangement needs 2 pairs
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.real_model
+def test_real_default_base_crams_a_sentence_into_one_vector(real_assets):
+    """The capacity curve's positive control: on the real base one vector holds a 12-token
+    sentence exactly (the first token included) well within the default step cap, at the
+    default learning rate, and stops there."""
+    from newllm.core.tokens import separator_token_id
+    from newllm.virtual_tokens.e_star import reconstruct_until_exact
+
+    base = load_base(str(real_assets / "smollm2-135m"), device="cpu")
+    sep = separator_token_id(base.tokenizer)
+    text = ids_of(base, "Photosynthesis is the process by which green plants use sunlight "
+                        "to make food")[:12]
+    config = EStarConfig("reconstruct", 1, 400, 0.01)
+    result = reconstruct_until_exact(base.model, config, sep, [text], max_steps=400)
+    assert bool(result.exact[0]) and result.exact_len[0] == 12, result
+    assert 0 < int(result.steps[0]) < 400

@@ -76,15 +76,82 @@ def test_memory_layer_reads_previous_segments_only_and_matches_the_formula():
     assert torch.allclose(out2, layer.out(read.transpose(1, 2).reshape(1, 3, 8)), atol=1e-5)
 
 
-def test_memory_is_detached_so_each_segment_backpropagates_alone():
+def kv_grads(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory layer's K and V projection gradients (rows d:2d and 2d:3d of qkv)."""
+    d = model.config.d_model
+    grad = model.memory.qkv.weight.grad
+    if grad is None:
+        return torch.zeros(d, d), torch.zeros(d, d)
+    return grad[d:2 * d], grad[2 * d:]
+
+
+def test_detached_memory_gives_k_and_v_no_gradient_and_each_segment_backpropagates_alone():
     torch.manual_seed(3)
-    model = create_model("infini", **TINY)
+    model = create_model("infini", memory_gradient="none", **TINY)
     ids = torch.randint(0, 50, (2, 24))
     for start in range(0, 24, 8):  # a backward per segment: no "backward a second time" error
         logits = model(ids[:, start:start + 8])
         F.cross_entropy(logits.reshape(-1, 50), ids[:, start:start + 8].reshape(-1)).backward()
     assert model.memory.memories is not None and not model.memory.memories.requires_grad
     assert model.memory.segment_counter == 3
+    k, v = kv_grads(model)  # memory-only layer 0: K and V feed nothing but the memory
+    assert k.abs().max() == 0 and v.abs().max() == 0
+
+
+def test_sequence_gradient_reaches_k_and_v_from_a_later_segment_and_never_crosses_sequences():
+    torch.manual_seed(3)
+    model = create_model("infini", **TINY)  # memory_gradient: sequence, the default
+    assert model.config.memory_gradient == "sequence"
+    ids = torch.randint(0, 50, (2, 16))
+    model.reset_memory()
+    model(ids[:, :8])  # segment 0 written to memory
+    logits = model(ids[:, 8:])  # segment 1 reads it
+    F.cross_entropy(logits.reshape(-1, 50), ids[:, 8:].reshape(-1)).backward()
+    k, v = kv_grads(model)
+    assert k.abs().max() > 0 and v.abs().max() > 0
+    # a new sequence: after reset_memory its first segment's loss reaches no K or V, however
+    # much the previous sequence wrote (its graph is gone with the reset)
+    model.zero_grad(set_to_none=True)
+    model(ids[:, :8])
+    model(ids[:, 8:])
+    model.reset_memory()
+    logits = model(ids[:, :8])
+    F.cross_entropy(logits.reshape(-1, 50), ids[:, :8].reshape(-1)).backward()
+    k, v = kv_grads(model)
+    assert k.abs().max() == 0 and v.abs().max() == 0
+
+
+def test_sequence_loss_backpropagates_through_the_memory_as_the_manual_sum():
+    from newllm.infini.training import sequence_loss
+
+    torch.manual_seed(5)
+    model = create_model("infini", **TINY)
+    batch = torch.randint(0, 50, (3, 17))
+    answers = torch.tensor([-1, 12, -1])  # row 1 is a passkey row: its answer at position 12
+    loss = sequence_loss(model, batch, 8, answers)
+    model.reset_memory()
+    rows = []  # independently: per-row mean NLL (text) or the answer's NLL (passkey)
+    lp = torch.cat([model.token_logprobs(model(batch[:, s:s + 8]), batch[:, s + 1:s + 9])
+                    for s in (0, 8)], dim=1)
+    rows = [-lp[0].mean(), -lp[1, 11], -lp[2].mean()]
+    assert torch.allclose(loss, torch.stack(rows).mean(), atol=1e-6)
+    loss.backward()
+    k, v = kv_grads(model)
+    assert k.abs().max() > 0 and v.abs().max() > 0
+
+
+def test_memory_grad_norms_see_the_answer_reach_k_and_v_only_with_the_sequence_gradient():
+    from newllm.infini.training import memory_grad_norms
+
+    torch.manual_seed(6)
+    rows = torch.randint(0, 50, (4, 25))
+    answers = torch.tensor([20, 18, 23, 17])  # in the third segment: after two writes
+    norms = {g: memory_grad_norms(create_model("infini", memory_gradient=g, **TINY), rows,
+                                  answers, 8) for g in ("sequence", "none")}
+    assert norms["sequence"]["k"] > 0 and norms["sequence"]["v"] > 0
+    assert norms["none"]["k"] == 0 and norms["none"]["v"] == 0
+    assert norms["none"]["q"] > 0  # the read still learns
+    assert memory_grad_norms(create_model("pythia", **TINY), rows, answers, 8) == {}
 
 
 def test_banks_switch_after_segments_per_bank():
@@ -262,7 +329,6 @@ def test_stream_nll_is_the_sum_over_segments_with_memory_carried():
 
 
 def test_training_stream_places_every_fact_and_keeps_the_budget():
-    import random
 
     from newllm.infini.training import make_sequences, training_stream
 
@@ -277,43 +343,3 @@ def test_training_stream_places_every_fact_and_keeps_the_budget():
     assert seqs.shape == (3, 9) and torch.equal(seqs[1, 0], seqs[0, -1])
     with pytest.raises(NewllmError, match=r"more than train_lm\.max_train_tokens"):
         training_stream(docs, facts * 10, 0, 20, random.Random(0))
-
-
-class CharTokenizer:
-    """Characters as ids 1..97 (0 is the separator): enough text for the passkey probe."""
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [ord(c) % 97 + 1 for c in text]}
-
-
-def test_passkey_batched_equals_a_trial_by_trial_loop():
-    from newllm.infini.probes import FILLER, PASSKEY, QUESTION, passkey_accuracy
-
-    torch.manual_seed(0)
-    model = create_model("infini", vocab_size=98, d_model=16, n_layers=2, n_heads=2, d_ff=32,
-                         max_length=64).eval()
-    tokenizer, s, trials, candidates = CharTokenizer(), 64, 6, 3
-    batched = passkey_accuracy(model, tokenizer, 0, s, [0, 1, 2], trials, candidates, seed=4)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text)["input_ids"]
-
-    question = encode(QUESTION)
-    for n, accuracy in batched:  # the probe's definition, one trial and one row at a time
-        rng = random.Random(4 * 1000 + n)
-        correct = 0
-        for _ in range(trials):
-            keys = rng.sample(range(10000, 100000), candidates)
-            first = [0, *encode(PASSKEY.format(key=keys[0])), *encode(FILLER * 20)][:s]
-            prefix = first + encode(FILLER * 20)[:s] * n
-            scores = []
-            for key in keys:
-                model.reset_memory()
-                with torch.no_grad():
-                    for start in range(0, len(prefix), s):
-                        model(torch.tensor([prefix[start:start + s]]))
-                    row = torch.tensor([question + encode(f" {key}.")])
-                    lp = model.token_logprobs(model(row[:, :-1]), row[:, 1:])[0]
-                scores.append(float(lp[len(question) - 1:].sum()))
-            correct += all(scores[0] > other for other in scores[1:])
-        assert accuracy == correct / trials, n

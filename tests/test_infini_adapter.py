@@ -10,6 +10,7 @@ from conftest import assert_one_line_error
 
 from newllm.core.base import load_base
 from newllm.core.hidden import decoder_of
+from newllm.core.reversal import SHIPPED_PAIRS, injected_split, read_pairs
 from newllm.infini.adapter import (
     InfiniLayer,
     attach_parallel,
@@ -21,6 +22,9 @@ from newllm.infini.adapter import (
     parameter_groups,
     reset_memory,
 )
+
+# the shipped pairs the adapters inject (train_infini_adapter.reversal_inject_fraction 0.5)
+HALF = len(injected_split(read_pairs(str(SHIPPED_PAIRS), "csv"), 0.5)[0])
 
 
 def _ids(model, n_rows: int = 2, length: int = 33, seed: int = 0) -> torch.Tensor:
@@ -142,7 +146,7 @@ def test_the_artifact_rebuilds_the_trained_model(run_cli, tiny_model, prepared_t
         assert result.code == 0, (name, result.err)
         meta = read_meta(tmp_path / f"{name}.st")
         assert meta["extra"]["whole_model"] == (name != "frozen")
-        assert len(meta["extra"]["reversal"]["injected"]) == 24  # half the shipped pairs
+        assert len(meta["extra"]["reversal"]["injected"]) == HALF  # half the shipped pairs
         base = load_base(str(tiny_model), device="cpu")
         plain = _trained_logits(base.model, ids, 16)
         load_adapted(base.model, tmp_path / f"{name}.st", base.info.as_dict())
@@ -180,4 +184,4 @@ def test_eval_reversal_reads_the_adapter_model(run_cli, tiny_model, prepared_tin
     assert result.code == 0, result.err
     metrics = json.loads((tmp_path / "r.json").read_text())
     assert metrics["model_kind"] == "infini-lm"
-    assert metrics["injected_pairs"] == metrics["control_pairs"] == 24
+    assert metrics["injected_pairs"] == metrics["control_pairs"] == HALF

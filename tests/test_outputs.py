@@ -88,7 +88,7 @@ def test_the_table_covers_every_stage_output():
     assert {"prepare-data", "phase2-prep-cache", "train-lm", "eval-reversal", "build-e-star",
             "train-compressor", "fetch-assets", "eval-chameleon"} <= stages
     # a stage whose params have a path-like output key that is not marked would be missed
-    inputs = {("infini-report", "metrics_dir")}  # a folder it reads
+    inputs = {("infini-report", "metrics_dir"), ("cvfp-grid-summary", "metrics_dir")}  # read
     _register()
     for name in set(COMMANDS) - set(OWN_COMMANDS):
         for cls in cli.commands[name].param_classes:

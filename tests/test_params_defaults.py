@@ -86,7 +86,18 @@ def test_infini_runs_are_the_kinds_and_the_ablations_named_by_their_settings():
     kinds = {name: item for name, item in runs.items() if set(item) == {"kind"}}
     assert {name: item["kind"] for name, item in kinds.items()} == {
         k: k for k in ("pythia", "infini", "multi_memory", "hierarchical")}
-    ablations = {name: item for name, item in runs.items() if name not in kinds}
+    seeds = {name: item for name, item in runs.items() if set(item) == {"kind", "seed"}}
+    for name, item in seeds.items():  # a second seed of every kind, named by it
+        assert name == f"{item['kind']}_seed-{item['seed']}"
+    assert {item["kind"] for item in seeds.values()} == {i["kind"] for i in kinds.values()}
+    windows = {name: item for name, item in runs.items() if "segment_length" in item}
+    for name, item in windows.items():  # pythia attending a whole training sequence
+        assert item["kind"] == "pythia" and item["segments_per_sequence"] == 1
+        assert name == f"pythia_window-{item['segment_length']}"
+        assert item["segment_length"] == (PARAMS["train_lm"]["segment_length"]
+                                          * PARAMS["train_lm"]["segments_per_sequence"])
+    ablations = {name: item for name, item in runs.items()
+                 if name not in kinds and name not in seeds and name not in windows}
     for name, item in ablations.items():
         delta, alibi = (str(item[k]).lower() for k in ("use_delta_rule", "use_alibi"))
         assert name == f"{item['kind']}_delta-{delta}_alibi-{alibi}"

@@ -1,4 +1,5 @@
-"""eval-reversal: readers, the figures on a hand-made bigram model, and the stage end to end."""
+"""eval-reversal: readers, answer-only figures on a hand-made bigram model, same-type
+distractors, fictitious names, and the stage end to end."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from newllm.core.errors import NewllmError
 from newllm.core.reversal import (
     DEFAULT_TEMPLATES,
     SHIPPED_PAIRS,
+    Pair,
     PairScores,
+    draw_distractors,
+    fictitious_pairs,
     injected_split,
     parse_templates,
     read_pairs,
@@ -59,7 +63,6 @@ def test_reads_the_papers_csv_and_jsonl(tmp_path):
     ("p.csv", "child,parent\nA,B\nC,D,E\n", "p.csv:3: has more fields"),
     ("p.csv", "child,parent,parent_type\nA,B,father\nC\n", "p.csv:3: has fewer fields"),
     ("p.csv", "name,parent\nA,B\n", "p.csv:1: the header lacks column(s) child"),
-    ("p.csv", "child,parent\nA,B\nA,B\n", "p.csv:3: repeats the pair of line 2"),
     ("p.jsonl", '{"child": "A", "parent": "B"}\n["A", "B"]\n', "p.jsonl:2: expected a JSON"),
     ("p.jsonl", '{"child": "A", "parent": 3}\n', "p.jsonl:1: 'parent' is a int"),
     ("p.jsonl", '{"child": "A", "parent": "B", "forward": "B is the parent of A."}\n',
@@ -108,55 +111,125 @@ class BigramScorer:
         return [float(lsm[a, b]) for a, b in itertools.pairwise(ids)]
 
 
-def test_ratio_gap_and_rank_against_an_independent_computation():
+def test_answer_only_logprobs_and_rank_against_a_hand_computed_bigram_model():
     tokenizer = WordTokenizer()
-    pairs = read_pairs(SHIPPED_PAIRS, "csv")[:6]
+    pairs = read_pairs(SHIPPED_PAIRS, "csv")
     templates = parse_templates(DEFAULT_TEMPLATES)
     for p in pairs:  # fix the vocabulary before drawing the table
         for s in sentences(p, templates):
             tokenizer.ids(s)
     torch.manual_seed(0)
     scorer = BigramScorer(torch.randn(len(tokenizer.vocab), len(tokenizer.vocab)) * 3)
-    scores = score_pairs(scorer, tokenizer, pairs, pairs, DEFAULT_TEMPLATES, 2, seed=0)
-    for pair, got in zip(pairs, scores, strict=True):
-        forward, backward = sentences(pair, templates)
-        for sentence, ppl in ((forward, got.forward_ppl), (backward, got.backward_ppl)):
-            lp = scorer.logprob([0, *tokenizer.ids(sentence)])
-            assert math.isclose(ppl, math.exp(-sum(lp) / len(lp)), rel_tol=1e-5)
-    # rank: with a bigram model only the answer's own tokens differ; recompute the choice
-    import random
-    rng = random.Random(0)
-    parents, children = sorted({p.parent for p in pairs}), sorted({p.child for p in pairs})
-    for pair, got in zip(pairs, scores, strict=True):
-        forward, backward = sentences(pair, templates)
-        for sentence, answer, names, correct in (
-                (forward, pair.parent, parents, got.forward_correct),
-                (backward, pair.child, children, got.backward_correct)):
-            others = rng.sample([n for n in names if n != answer], 2)
-            prompt = sentence[:sentence.rindex(answer)].rstrip()
+    evaluated = pairs[::3]  # every relation of the file
+    scores = score_pairs(scorer, tokenizer, evaluated, pairs, DEFAULT_TEMPLATES, 2, seed=0)
+    drawn = draw_distractors(evaluated, pairs, 2, seed=0)
+    lsm = torch.log_softmax(scorer.table, -1)
 
-            def total(candidate: str, prompt: str = prompt) -> float:
-                ids = [0, *tokenizer.ids(prompt)]
-                lp = scorer.logprob(ids + tokenizer.ids(f" {candidate}."))
-                return sum(lp[len(ids) - 1:])
+    def answer_logprob(prompt: str, answer: str) -> tuple[float, int]:
+        # bigram: the answer's first token is read after the prompt's last word
+        before = [0, *tokenizer.ids(prompt)][-1]
+        ids = tokenizer.ids(answer)
+        return sum(float(lsm[a, b]) for a, b in itertools.pairwise([before, *ids])), len(ids)
 
-            assert correct == all(total(answer) > total(o) for o in others)
+    for pair, got, (parents, children) in zip(evaluated, scores, drawn, strict=True):
+        forward = f"{pair.child}'s {pair.parent_type} is"
+        backward = f"{pair.parent}'s {pair.inverse_type} is"
+        lp, n = answer_logprob(forward, pair.parent)
+        assert math.isclose(got.forward_logprob, lp, rel_tol=1e-5) and got.forward_tokens == n
+        lp, n = answer_logprob(backward, pair.child)
+        assert math.isclose(got.backward_logprob, lp, rel_tol=1e-5)
+        assert got.backward_tokens == n
+        assert got.forward_correct == all(answer_logprob(forward, pair.parent)[0]
+                                          > answer_logprob(forward, o)[0] for o in parents)
+        others = [answer_logprob(backward, o)[0] for o in children]
+        assert math.isclose(got.backward_margin, got.backward_logprob - sum(others) / 2,
+                            rel_tol=1e-5, abs_tol=1e-5)
+        assert got.backward_correct == all(answer_logprob(backward, pair.child)[0]
+                                           > answer_logprob(backward, o)[0] for o in children)
+    assert {s.forward_correct for s in scores} == {True, False}  # both outcomes are tested
+
+
+def test_distractors_are_of_the_same_relation_and_never_the_answer():
+    pairs = read_pairs(SHIPPED_PAIRS, "csv")
+    drawn = draw_distractors(pairs, pairs, 4, seed=1)
+    by_relation: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+    for p in pairs:
+        by_relation.setdefault(p.relation, (set(), set()))
+        by_relation[p.relation][0].add(p.parent)
+        by_relation[p.relation][1].add(p.child)
+    assert len(by_relation) == 4  # father, mother, country, inventor
+    for pair, (parents, children) in zip(pairs, drawn, strict=True):
+        assert len(set(parents)) == len(set(children)) == 4
+        assert pair.parent not in parents and pair.child not in children
+        assert set(parents) <= by_relation[pair.relation][0]
+        assert set(children) <= by_relation[pair.relation][1]
+    assert draw_distractors(pairs, pairs, 4, seed=1) == drawn  # seeded
+    with pytest.raises(NewllmError, match=re.escape("needs at least 9 distinct parents of "
+                                                    "relation 'mother / child'")):
+        draw_distractors(pairs, pairs, 8, seed=0)
 
 
 def test_summary_figures_on_hand_made_scores():
-    scores = [PairScores(2.0, 8.0, True, False), PairScores(4.0, 4.0, True, True)]
+    scores = [PairScores(-2.0, -8.0, 2, 4, True, False, 1.0, -0.5),
+              PairScores(-4.0, -4.0, 2, 4, True, True, 3.0, 0.5)]
     summary = summarize(scores, "x_")
-    assert summary == {"x_pairs": 2, "x_forward_ppl": 3.0, "x_backward_ppl": 6.0,
-                       "x_reversal_ratio": 0.5, "x_reversal_gap": 3.0,
-                       "x_forward_rank_accuracy": 1.0, "x_backward_rank_accuracy": 0.5}
+    assert summary["x_pairs"] == 2
+    assert summary["x_forward_answer_logprob"] == -3.0
+    assert summary["x_backward_answer_logprob"] == -6.0
+    assert math.isclose(summary["x_forward_answer_ppl"], math.exp(6 / 4))
+    assert math.isclose(summary["x_backward_answer_ppl"], math.exp(12 / 8))
+    assert summary["x_forward_answer_margin"] == 2.0
+    assert summary["x_backward_answer_margin"] == 0.0
+    assert summary["x_forward_rank_accuracy"] == 1.0
+    assert summary["x_backward_rank_accuracy"] == 0.5
+    assert -4.0 <= summary["x_forward_answer_logprob_lo"] <= -3.0 \
+        <= summary["x_forward_answer_logprob_hi"] <= -2.0
+    # Wilson 95 % of 1 out of 2, computed by hand
+    z = 1.959963984540054
+    centre, half = (0.5 + z * z / 4) / (1 + z * z / 2), \
+        z * math.sqrt(0.25 / 2 + z * z / 16) / (1 + z * z / 2)
+    assert math.isclose(summary["x_backward_rank_accuracy_lo"], centre - half)
+    assert math.isclose(summary["x_backward_rank_accuracy_hi"], centre + half)
     assert summarize([], "y_") == {"y_pairs": 0}
+
+
+def test_repeated_rows_warn_once_and_count_once(tmp_path, capsys):
+    (tmp_path / "p.csv").write_text(PAPER_CSV + "Jaden Smith,Will Smith,father,True,False\n"
+                                    "Lisa Marie Presley,Elvis Presley,father,True,False\n")
+    pairs = read_pairs(tmp_path / "p.csv", "csv")
+    err = capsys.readouterr().err
+    assert [p.line for p in pairs] == [2, 3, 4]  # the first of each is kept
+    assert err.count("warning:") == 1 and "dropped 2 repeated row(s)" in err
+    read_pairs(SHIPPED_PAIRS, "csv")
+    assert capsys.readouterr().err == ""  # no repeats, no warning
+
+
+def test_fictitious_names_are_new_distinct_and_never_share_a_surname(tmp_path):
+    real = read_pairs(SHIPPED_PAIRS, "csv")
+    (tmp_path / "p.csv").write_text("child,parent\nAnn Brairick,Tom Quouford\n")
+    given = read_pairs(tmp_path / "p.csv", "csv")
+    free = fictitious_pairs(400, seed=3)  # its first pair is then excluded as if it were real
+    names = {n for p in free for n in (p.child, p.parent)}
+    pairs = fictitious_pairs(400, seed=3, exclude=[*real, *given,
+                                                   Pair(free[0].child, free[0].parent)])
+    banned = {w for p in [*real, *given] for n in (p.child, p.parent) for w in n.split()}
+    everyone = [n for p in pairs for n in (p.child, p.parent)]
+    assert len(set(everyone)) == len(everyone) == 800 and len(names) == 800
+    assert free[0].child not in everyone and free[0].parent not in everyone
+    for pair in pairs:
+        assert pair.child.split()[-1] != pair.parent.split()[-1]
+        for name in (pair.child, pair.parent):
+            assert name not in banned and name.split()[-1] not in banned
+    assert [p.parent_type for p in pairs[:4]] == ["father", "mother", "father", "mother"]
+    assert fictitious_pairs(400, seed=3, exclude=real) == fictitious_pairs(400, seed=3,
+                                                                          exclude=real)
 
 
 # --- the stages on the tiny model -----------------------------------------------------------
 
 TRAIN_TINY = ("--d-model", "16", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32",
               "--shortlist", "128", "--segment-length", "32", "--segments-per-sequence", "2",
-              "--max-train-tokens", "2048", "--val-max-tokens", "200", "--batch-size", "4",
+              "--max-train-tokens", "4096", "--val-max-tokens", "200", "--batch-size", "4",
               "--reversal-repeats", "2")
 
 
@@ -169,7 +242,7 @@ def test_train_lm_then_eval_ppl_reversal_and_memory(run_cli, tiny_model, prepare
                      cwd=tmp_path)
     assert result.code == 0, result.err
     train = json.loads((tmp_path / "train.json").read_text())
-    assert train["kind"] == "infini" and train["train_tokens"] == (2048 - 1) // 64 * 64
+    assert train["kind"] == "infini" and train["train_tokens"] == (4096 - 1) // 64 * 64
     assert train["val_ppl_flag"] in ("ok", "not_learning", "suspicious_low")
     first = (tmp_path / "lm" / "model.safetensors").read_bytes()
     assert run_cli("train-lm", *common, "--kind", "infini", "--data", str(prepared_tiny),
@@ -194,7 +267,9 @@ def test_train_lm_then_eval_ppl_reversal_and_memory(run_cli, tiny_model, prepare
     rev = json.loads((tmp_path / "rev.json").read_text())
     assert rev["pairs"] == 8 and rev["injected_pairs"] == 4 and rev["control_pairs"] == 4
     assert rev["split"] == "checkpoint"
-    assert math.isclose(rev["reversal_ratio"], rev["forward_ppl"] / rev["backward_ppl"])
+    for d in ("forward", "backward"):
+        assert rev[f"{d}_answer_logprob_lo"] <= rev[f"{d}_answer_logprob"] \
+            <= rev[f"{d}_answer_logprob_hi"] < 0
     # the checkpoint's record of what it was shown wins over a fraction asked for
     assert run_cli("eval-reversal", *common, "--model-kind", "infini-lm", "--checkpoint",
                    "lm/model.safetensors", "--max-pairs", "8", "--distractors", "2",
@@ -227,10 +302,11 @@ def test_the_base_reports_the_halves_a_training_run_would_inject(run_cli, tiny_m
     injected, _ = injected_split(pairs, 0.5)
     first8 = {p.key for p in pairs[:8]}
     assert sum(p.key in first8 for p in injected) == 4
-    for figure in ("forward_ppl", "backward_ppl", "forward_rank_accuracy"):
+    for figure in ("forward_answer_logprob", "backward_answer_logprob",
+                   "forward_rank_accuracy"):
         recombined = (split[f"injected_{figure}"] + split[f"control_{figure}"]) / 2
         assert math.isclose(recombined, whole[figure], rel_tol=1e-9)
-    assert split["injected_forward_ppl"] != split["control_forward_ppl"]
+    assert split["injected_forward_answer_logprob"] != split["control_forward_answer_logprob"]
 
 
 def test_bad_pairs_file_in_the_stage_is_one_line(run_cli, tiny_model, tmp_path):
@@ -249,8 +325,8 @@ def test_eval_reversal_on_the_real_default_model(run_cli, real_assets, tmp_path)
     assert result.code == 0, result.err
     rev = json.loads((tmp_path / "rev.json").read_text())
     assert rev["pairs"] == 12 and rev["model_kind"] == "hf"
-    # a 135M model knows famous parents better than chance and reads fluent sentences
-    assert 1 < rev["forward_ppl"] < 1000 and 1 < rev["backward_ppl"] < 1000
+    # a 135M model knows famous parents better than chance (same-type distractors)
+    assert 1 < rev["forward_answer_ppl"] < 1000 and 1 < rev["backward_answer_ppl"] < 1000
     assert rev["forward_rank_accuracy"] > rev["chance_rank_accuracy"]
     assert rev["injected_pairs"] == rev["control_pairs"] == 6
 

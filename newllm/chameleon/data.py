@@ -308,6 +308,35 @@ def profile_free_oracle_accuracy(questions: tuple[Question, ...]) -> float | Non
     return sum(c.most_common(1)[0][1] for c in by_key.values()) / len(questions)
 
 
+def candidates(question: Question, tags: tuple[str, ...]) -> tuple[str, ...]:
+    """The tags a question offers as answers: a MovieLens question's own genres (its
+    description lists them and the gold is one of them), else every tag of the task (LaMP-2
+    lists them all)."""
+    if question.item_key is None:
+        return tags
+    return tuple(question.item_key.split(","))
+
+
+def _profile_genres(item: ProfileItem) -> tuple[str, ...]:
+    """The genres a profile line shows ("...; genres: A, B"), else its tag alone."""
+    match = re.search(r"; genres: (.+)$", item.description)
+    return tuple(g.strip() for g in match.group(1).split(",")) if match else (item.tag,)
+
+
+def profile_rule(question: Question, tags: tuple[str, ...]) -> str:
+    """The answer of a rule that reads the profile: the listed candidate the profile's items
+    show most often (their genres on MovieLens, their tags on LaMP-2); ties go to the first
+    candidate. On MovieLens this is the gold rule itself, so it scores 1.0: the ceiling."""
+    counts = Counter(g for item in question.profile for g in _profile_genres(item))
+    listed = candidates(question, tags)
+    return max(listed, key=lambda c: (counts[c], -listed.index(c)))
+
+
+def random_listed_accuracy(questions: tuple[Question, ...], tags: tuple[str, ...]) -> float:
+    """Expected accuracy of answering a uniformly random listed candidate (exact)."""
+    return sum(1 / len(candidates(q, tags)) for q in questions) / len(questions)
+
+
 def tag_key(tag: str) -> str:
     """A tag as a metrics-key fragment: `Children's` -> `children_s`."""
     return re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_")

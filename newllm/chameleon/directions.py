@@ -31,6 +31,7 @@ from newllm.core.errors import NewllmError
 
 THETA_N_METHODS = ("diff_svd", "diff_mean")
 SCOPES = ("global", "per_user")
+MISMATCHED_PREFIX = "mismatched."
 SIGN_CONVENTION = ("theta_p: mean of personalized states . theta_p >= 0; theta_n: mean of "
                    "(personalized - neutral) . theta_n >= 0")
 
@@ -99,16 +100,22 @@ class Directions:
     layers: dict[str, dict[str, Any]]  # module path -> its metadata (layer, quality, ...)
     scope: str
     users: list[str]
+    has_mismatched: bool = False  # also the mismatched-profile null's directions
 
-    def theta(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def theta(self, path: str, mismatched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ_p, θ_n of a layer; `mismatched`: those estimated the same way from generations
+        read after another user's profile (the stronger null control)."""
         name = self.layers[path]["name"]
-        return self.artifact[f"{name}.theta_p"], self.artifact[f"{name}.theta_n"]
+        prefix = MISMATCHED_PREFIX if mismatched else ""
+        return (self.artifact[f"{prefix}{name}.theta_p"],
+                self.artifact[f"{prefix}{name}.theta_n"])
 
 
 def load_directions(path: str | Path, base: dict[str, Any]) -> Directions:
     artifact = load_artifact(path, kind=DIRECTIONS_KIND, base=base)
     extra = artifact.meta["extra"]
-    return Directions(artifact, extra["layers"], extra["direction_scope"], extra["users"])
+    return Directions(artifact, extra["layers"], extra["direction_scope"], extra["users"],
+                      bool(extra["mismatched"]))
 
 
 def select_layers(directions: Directions, spec: list[int | str] | None, key: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Running the frozen model in batches: generation, pooled MLP-output states, tag likelihoods.
+"""Running the frozen model in batches: generation, pooled MLP-output states, tag likelihoods
+(with the layers below the first edited one run once per prompt for every edited condition).
 
 Rows of different lengths are left-padded for generation and scoring (positions counted from
 each row's first real token) and right-padded for reading states; rows are batched in order
@@ -7,12 +8,16 @@ of length so little is padding, and results come back in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from newllm.chameleon.editing import capture_outputs
+from newllm.core.hidden import decoder_of
 from newllm.core.runtime import progress
 from newllm.core.tokens import left_pad
 
@@ -124,6 +129,21 @@ def _packed_tag_rows(prompts: list[list[int]], tag_ids: list[list[int]], pad_id:
     return ids, positions, allowed[:, None]
 
 
+def _tag_scores(logits: torch.Tensor, tag_ids: list[list[int]]) -> torch.Tensor:
+    """Summed log p(tag | prompt) [B, K] (float64) from the kept logits [B, 1 + T, V]: position
+    0 predicts every tag's first token, then come the packed tag tokens in order."""
+    logp = torch.log_softmax(logits.double(), -1).cpu()
+    scores = torch.zeros(logits.shape[0], len(tag_ids), dtype=torch.float64)
+    offset = 1
+    for k, tag in enumerate(tag_ids):
+        total = logp[:, 0, tag[0]].clone()
+        for j in range(1, len(tag)):
+            total += logp[:, offset + j - 1, tag[j]]
+        scores[:, k] = total
+        offset += len(tag)
+    return scores
+
+
 @torch.inference_mode()
 def tag_logprobs(model: torch.nn.Module, prompts: list[list[int]], tag_ids: list[list[int]],
                  *, batch_size: int, pad_id: int, desc: str = "likelihood",
@@ -135,24 +155,92 @@ def tag_logprobs(model: torch.nn.Module, prompts: list[list[int]], tag_ids: list
     positions that predict a tag token. `row_hook(rows)` is called before each batch with the
     prompt indices it holds (per-user edits set their directions there).
     """
+    return shared_lower_scores(model, prompts, tag_ids, {}, start_layer=None,
+                               batch_size=batch_size, pad_id=pad_id, desc=desc,
+                               row_hook=row_hook)["base"]
+
+
+@dataclass
+class LayerInput:
+    """What a decoder layer received in a pass: its hidden states [B, T, d] and the keyword
+    arguments the decoder passed (mask, rotary position embeddings, positions)."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+@contextlib.contextmanager
+def capture_layer_input(model: torch.nn.Module, layer: int) -> Iterator[list[LayerInput]]:
+    """Record the input of decoder layer `layer` while the block runs (the hook is removed on
+    the way out)."""
+    found: list[LayerInput] = []
+
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        found.append(LayerInput(hidden, rest))
+
+    handle = decoder_of(model).layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def run_from_layer(model: torch.nn.Module, start: LayerInput, layer: int, keep: int
+                   ) -> torch.Tensor:
+    """The logits [B, keep, V] at the last `keep` positions of a pass resumed at decoder layer
+    `layer` from its recorded input: the same modules (and hooks) as the full pass above it,
+    and none below."""
+    decoder = decoder_of(model)
+    hidden = start.hidden
+    for block in decoder.layers[layer:]:
+        hidden = block(hidden, **start.kwargs)
+    return model.get_output_embeddings()(decoder.norm(hidden[:, -keep:]))
+
+
+@torch.inference_mode()
+def shared_lower_scores(model: torch.nn.Module, prompts: list[list[int]],
+                        tag_ids: list[list[int]],
+                        conditions: dict[str, Callable[[], contextlib.AbstractContextManager]],
+                        *, start_layer: int | None, batch_size: int, pad_id: int,
+                        desc: str = "likelihood", row_hook: Any = None,
+                        timing: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Tag scores [N, K] of the unedited pass ("base") and of every edited condition.
+
+    Per batch, the unedited pass records the input of decoder layer `start_layer` (the first
+    edited one); each condition (name -> a context manager factory that hooks the edit)
+    resumes from there (`run_from_layer`), so the layers below it run once per prompt for all
+    conditions. Every edited module must be at or above `start_layer`. `timing` (if given)
+    accumulates the seconds of the unedited passes ("base") and of the resumed ones
+    ("resumed", over "resumed_rows" prompt-condition pairs).
+    """
     device = device_of(model)
     tag_len = sum(len(t) for t in tag_ids)
-    scores = torch.zeros(len(prompts), len(tag_ids), dtype=torch.float64)
+    scores = {name: torch.zeros(len(prompts), len(tag_ids), dtype=torch.float64)
+              for name in ("base", *conditions)}
     for rows in progress(list(_batches([len(p) for p in prompts], batch_size)), desc,
                          unit="batch"):
         if row_hook is not None:
             row_hook(rows)
         ids, positions, allowed = _packed_tag_rows([prompts[i] for i in rows], tag_ids, pad_id)
-        out = model(input_ids=ids.to(device), attention_mask=allowed.to(device),
-                    position_ids=positions.to(device), use_cache=False,
-                    logits_to_keep=tag_len + 1)
-        # kept logits: position P-1 (predicts every tag's first token), then the tag tokens
-        logp = torch.log_softmax(out.logits.double(), -1).cpu()
-        offset = 1
-        for k, tag in enumerate(tag_ids):
-            total = logp[:, 0, tag[0]].clone()
-            for j in range(1, len(tag)):
-                total += logp[:, offset + j - 1, tag[j]]
-            scores[rows, k] = total
-            offset += len(tag)
+        inputs = {"input_ids": ids.to(device), "attention_mask": allowed.to(device),
+                  "position_ids": positions.to(device), "use_cache": False,
+                  "logits_to_keep": tag_len + 1}
+        if start_layer is None:
+            scores["base"][rows] = _tag_scores(model(**inputs).logits, tag_ids)
+            continue
+        clock = time.perf_counter()
+        with capture_layer_input(model, start_layer) as found:
+            scores["base"][rows] = _tag_scores(model(**inputs).logits, tag_ids)
+        resumed = time.perf_counter()
+        for name, context in conditions.items():
+            with context():
+                logits = run_from_layer(model, found[0], start_layer, tag_len + 1)
+            scores[name][rows] = _tag_scores(logits, tag_ids)
+        if timing is not None:
+            timing["base"] += resumed - clock
+            timing["resumed"] += time.perf_counter() - resumed
+            timing["resumed_rows"] += len(rows) * len(conditions)
     return scores

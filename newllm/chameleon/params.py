@@ -20,9 +20,9 @@ class ChameleonDataParams:
                                    min=1)
     min_profile_items: int = param(4, "MovieLens: users with fewer liked movies besides the "
                                    "question are left out.", min=1)
-    num_direction_users: int = param(8, "Users whose self-generations give the directions.",
+    num_direction_users: int = param(100, "Users whose self-generations give the directions.",
                                      min=1)
-    num_eval_users: int = param(16, "Other users the editing is evaluated on.", min=1)
+    num_eval_users: int = param(300, "Other users the editing is evaluated on.", min=1)
     chat_template: bool = param(True, "Give prompts as a chat user turn when the tokenizer has "
                                 "a chat template (else plain text ending 'Answer:').")
     split_seed: int = param(0, "Seed of the question choice and the user split.", min=0)

@@ -2,22 +2,31 @@
 also know "B's child is A"?
 
 Pairs come from the paper's `parent_child_pairs.csv` (columns `child`, `parent`,
-`parent_type`, ...; extra columns are ignored), from a JSONL file (one object per line with
-`child` and `parent`, optional `parent_type`, `inverse_type`, and optionally its own
-`forward` / `backward` sentences), or from the small file this package ships
-(`newllm/core/reversal_pairs.csv`: people, places and inventions, in the CSV format with
-an extra `inverse_type` column). Per pair, with the templates (a forward and a backward one,
-default "{child}'s {parent_type} is {parent}." and "{parent}'s {inverse_type} is {child}.",
-inverse_type defaulting to "child"):
+`parent_type`, ...; extra columns are ignored; a repeated child/parent row, which the
+paper's file has, is dropped with one warning giving the count), from a JSONL file (one
+object per line with `child` and `parent`, optional `parent_type`, `inverse_type`, and
+optionally its own `forward` / `backward` sentences), or from the small file this package
+ships (`newllm/core/reversal_pairs.csv`: people, places and inventions, in the CSV format
+with an extra `inverse_type` column). Per pair, with the templates (a forward and a backward
+one, default "{child}'s {parent_type} is {parent}." and "{parent}'s {inverse_type} is
+{child}.", inverse_type defaulting to "child"), each direction is scored on its answer only:
 
-- forward PPL  = exp(mean NLL of the forward sentence's tokens), read after the separator;
-  backward PPL likewise; the figures are means over pairs of the per-pair PPLs;
-- reversal ratio = forward PPL / backward PPL (1 = no asymmetry; < 1: the forward
-  direction is easier) and gap = backward PPL − forward PPL;
-- rank accuracy, per direction: the prompt ("{child}'s {parent_type} is") is completed with
-  the true answer and with `distractors` other answers of the same column drawn from the
-  file (seeded); a pair counts when the true completion's summed log-likelihood is strictly
-  the highest. Chance is 1 / (distractors + 1).
+- the prompt is the sentence before the answer ("Tom Cruise's mother is"; backward "Mary Lee
+  Pfeiffer's child is"); the answer log-probability is log p(" " + answer | separator,
+  prompt), summed over the answer's tokens (the leading name and the final punctuation are
+  never scored, so a name the model has read before cannot lower the figure by itself);
+- rank accuracy: the prompt is completed with the true answer and with `distractors` other
+  answers of the same type: names in the same column of pairs with the same relation
+  (parent_type, inverse_type), so fathers compete with fathers and capitals with capitals,
+  drawn from the pool (seeded); a pair counts when the true answer's log-probability is
+  strictly the highest. Chance is 1 / (distractors + 1). The margin (the answer's
+  log-probability minus the distractors' mean) is the same comparison in nats: a name made
+  familiar by training raises every candidate's log-probability, not the margin;
+- `summarize` gives the means over pairs with 95 % intervals (bootstrap for log-probs,
+  Wilson for accuracies, `newllm.core.stats`).
+
+`fictitious_pairs` makes child/parent pairs of invented people (no name of a given real
+pairs file), for injection experiments on a pretrained base that cannot know them.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import io
 import math
 import random
 import string
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +47,7 @@ import torch
 
 from newllm.core.data import jsonl_lines, read_utf8
 from newllm.core.errors import NewllmError
+from newllm.core.stats import bootstrap_interval, wilson_interval
 
 SHIPPED_PAIRS = Path(__file__).with_name("reversal_pairs.csv")
 SHIPPED = "shipped"  # a pairs path that names the file shipped with this package
@@ -59,6 +70,11 @@ class Pair:
     @property
     def key(self) -> str:
         return f"{self.child}\t{self.parent}"
+
+    @property
+    def relation(self) -> tuple[str, str]:
+        """The type of the pair: its answers' distractors share it."""
+        return (self.parent_type, self.inverse_type)
 
 
 def _check_text(path: Path, line: int, name: str, value: Any, required: bool) -> str | None:
@@ -121,21 +137,26 @@ def read_pairs_jsonl(path: Path) -> list[Pair]:
 
 def read_pairs(path: str | Path, fmt: str, max_pairs: int | None = None,
                key: str = "eval_reversal.pairs") -> list[Pair]:
-    """Pairs of a CSV or JSONL file (the first `max_pairs`); duplicates are an error. `key`:
-    the parameter that named the file, for the error when it is not there."""
+    """Pairs of a CSV or JSONL file (the first `max_pairs`). A row repeating an earlier
+    row's child and parent is dropped (the first is kept), with one warning on stderr giving
+    the count. `key`: the parameter that named the file, for the error when it is not
+    there."""
     path = resolve_pairs(path)
     if not path.is_file():
         raise NewllmError(f"{key} '{path}' does not exist; expected a {fmt} file "
                           "of child/parent pairs.")
     if fmt not in FORMATS:
         raise NewllmError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
-    pairs = read_pairs_csv(path) if fmt == "csv" else read_pairs_jsonl(path)
-    seen: dict[str, int] = {}
-    for pair in pairs:
-        if pair.key in seen:
-            raise NewllmError(f"{path}:{pair.line}: repeats the pair of line {seen[pair.key]} "
-                              f"({pair.child} / {pair.parent}).")
-        seen[pair.key] = pair.line
+    rows = read_pairs_csv(path) if fmt == "csv" else read_pairs_jsonl(path)
+    pairs, seen = [], set()
+    for pair in rows:
+        if pair.key not in seen:
+            seen.add(pair.key)
+            pairs.append(pair)
+    if len(pairs) < len(rows):
+        print(f"warning: {path}: dropped {len(rows) - len(pairs)} repeated row(s) (a child "
+              "and parent already on an earlier line); each pair counts once.",
+              file=sys.stderr)
     if not pairs:
         raise NewllmError(f"{path} holds no pairs.")
     return pairs[:max_pairs] if max_pairs is not None else pairs
@@ -259,71 +280,220 @@ def sequence_logprobs(scorer: Any, sequences: list[list[int]],
 
 @dataclass(frozen=True)
 class PairScores:
-    forward_ppl: float
-    backward_ppl: float
+    """One pair's answer-only figures: log p(answer | prompt) summed over the answer's tokens
+    (nats), its token count, whether it outranked every same-type distractor, and its margin
+    over them (its log-probability minus their mean one)."""
+
+    forward_logprob: float
+    backward_logprob: float
+    forward_tokens: int
+    backward_tokens: int
     forward_correct: bool
     backward_correct: bool
+    forward_margin: float
+    backward_margin: float
 
 
-def score_pairs(scorer: Any, tokenizer: Any, pairs: list[Pair], pool: list[Pair],
-                templates: Sequence[str], distractors: int, seed: int) -> list[PairScores]:
-    """Forward/backward PPL and rank correctness of each pair; distractors come from `pool`."""
-    parsed = parse_templates(templates)
+def answer_pools(pool: list[Pair]) -> dict[tuple[str, str], tuple[list[str], list[str]]]:
+    """Per relation (parent_type, inverse_type): its distinct parents and children, sorted."""
+    relations: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+    for pair in pool:
+        parents, children = relations.setdefault(pair.relation, (set(), set()))
+        parents.add(pair.parent)
+        children.add(pair.child)
+    return {r: (sorted(p), sorted(c)) for r, (p, c) in relations.items()}
+
+
+def draw_distractors(pairs: list[Pair], pool: list[Pair], distractors: int, seed: int,
+                     key: str = "eval_reversal.distractors"
+                     ) -> list[tuple[list[str], list[str]]]:
+    """Per pair, (forward, backward) distractors: `distractors` other parents, resp.
+    children, of pairs with the pair's relation in `pool`, drawn with `seed`."""
+    pools = answer_pools(pool)
+    for pair in pairs:
+        if pair.relation not in pools:
+            raise NewllmError(f"the pair {pair.child} / {pair.parent} has relation "
+                              f"'{pair.parent_type} / {pair.inverse_type}', which no pair of "
+                              "the distractor pool has.")
+    for relation in sorted({p.relation for p in pairs}):
+        for name, names in zip(("parents", "children"), pools[relation], strict=True):
+            if len(names) - 1 < distractors:
+                raise NewllmError(f"{key} ({distractors}) needs at least {distractors + 1} "
+                                  f"distinct {name} of relation '{relation[0]} / "
+                                  f"{relation[1]}' in the pairs file, it has {len(names)}.")
     rng = random.Random(seed)
+    drawn = []
+    for pair in pairs:
+        parents, children = pools[pair.relation]
+        drawn.append((rng.sample([n for n in parents if n != pair.parent], distractors),
+                      rng.sample([n for n in children if n != pair.child], distractors)))
+    return drawn
+
+
+@dataclass(frozen=True)
+class Question:
+    """A prompt, its true answer and the distractors the answer must outrank."""
+
+    prompt: str  # "Tom Cruise's mother is"
+    answer: str  # "Mary Lee Pfeiffer"
+    distractors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Answered:
+    logprob: float  # log p(" " + answer | separator, prompt), summed over the answer's tokens
+    tokens: int  # the answer's token count
+    correct: bool  # strictly above every distractor's log-probability
+    margin: float  # logprob minus the distractors' mean logprob (0: no preference)
+
+
+def questions(pairs: list[Pair], pool: list[Pair], templates: Sequence[str], distractors: int,
+              seed: int, key: str = "eval_reversal.distractors"
+              ) -> tuple[list[Question], list[Question]]:
+    """The forward and the backward question of each pair, with same-relation distractors."""
+    parsed = parse_templates(templates)
+    forward, backward = [], []
+    for pair, (parents, children) in zip(pairs, draw_distractors(pairs, pool, distractors,
+                                                                 seed, key), strict=True):
+        ahead, back = sentences(pair, parsed)
+        forward.append(Question(split_prompt(ahead, pair.parent)[0], pair.parent,
+                                tuple(parents)))
+        backward.append(Question(split_prompt(back, pair.child)[0], pair.child,
+                                 tuple(children)))
+    return forward, backward
+
+
+def answer_questions(scorer: Any, tokenizer: Any, asked: list[Question],
+                     batch_size: int = 16) -> list[Answered]:
+    """Each question's answer-only log-probability and whether it outranks its distractors:
+    every candidate is read as [separator, prompt, " " + candidate] and only the
+    candidate's tokens are scored."""
     sep = scorer.separator_id
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    parents = sorted({p.parent for p in pool})
-    children = sorted({p.child for p in pool})
-    for name, names in (("parents", parents), ("children", children)):
-        if len(names) - 1 < distractors:
-            raise NewllmError(f"eval_reversal.distractors ({distractors}) needs at least "
-                              f"{distractors + 1} distinct {name} in the pairs file, it has "
-                              f"{len(names)}.")
-    whole: list[list[int]] = []
-    completions: list[tuple[int, list[int], int]] = []  # (pair, sequence, prompt length)
-    groups: list[tuple[int, str, int, int]] = []  # (pair, direction, first, count)
-    for index, pair in enumerate(pairs):
-        forward, backward = sentences(pair, parsed)
-        whole += [[sep, *encode(forward)], [sep, *encode(backward)]]
-        for direction, sentence, answer, names in (("forward", forward, pair.parent, parents),
-                                                   ("backward", backward, pair.child, children)):
-            prompt, completion = split_prompt(sentence, answer)
-            suffix = completion[len(answer) + 1:]  # the punctuation after the answer
-            others = rng.sample([n for n in names if n != answer], distractors)
-            prompt_ids = [sep, *encode(prompt)]
-            groups.append((index, direction, len(completions), distractors + 1))
-            for candidate in (answer, *others):
-                completions.append((index, prompt_ids + encode(f" {candidate}{suffix}"),
-                                    len(prompt_ids)))
-    whole_lp = sequence_logprobs(scorer, whole)
-    comp_lp = sequence_logprobs(scorer, [c[1] for c in completions])
-    totals = [float(lp[plen - 1:].sum()) for (_, _, plen), lp in
-              zip(completions, comp_lp, strict=True)]
-    correct: dict[tuple[int, str], bool] = {}
-    for index, direction, first, count in groups:
-        true, rest = totals[first], totals[first + 1:first + count]
-        correct[(index, direction)] = all(true > other for other in rest)
-    return [PairScores(math.exp(-float(whole_lp[2 * i].mean())),
-                       math.exp(-float(whole_lp[2 * i + 1].mean())),
-                       correct[(i, "forward")], correct[(i, "backward")])
-            for i in range(len(pairs))]
+    candidates: list[tuple[list[int], int]] = []  # (prompt + candidate ids, prompt length)
+    for question in asked:
+        prompt_ids = [sep, *encode(question.prompt)]
+        candidates += [(prompt_ids + encode(f" {name}"), len(prompt_ids))
+                       for name in (question.answer, *question.distractors)]
+    logprobs = sequence_logprobs(scorer, [ids for ids, _ in candidates], batch_size)
+    # the candidate's tokens are targets prompt_len .. end, i.e. rows prompt_len - 1 ..
+    totals = [float(lp[plen - 1:].sum()) for (_, plen), lp in
+              zip(candidates, logprobs, strict=True)]
+    answered, first = [], 0
+    for question in asked:
+        count = 1 + len(question.distractors)
+        others = totals[first + 1:first + count]
+        answered.append(Answered(totals[first], len(candidates[first][0]) - candidates[first][1],
+                                 all(totals[first] > t for t in others),
+                                 totals[first] - sum(others) / len(others)))
+        first += count
+    return answered
 
 
-def summarize(scores: list[PairScores], prefix: str = "") -> dict[str, float | int]:
-    """Means over pairs: forward/backward PPL, their ratio and gap, rank accuracies."""
+def score_pairs(scorer: Any, tokenizer: Any, pairs: list[Pair], pool: list[Pair],
+                templates: Sequence[str], distractors: int, seed: int,
+                key: str = "eval_reversal.distractors",
+                batch_size: int = 16) -> list[PairScores]:
+    """Answer-only log-probabilities and rank correctness of each pair, both directions;
+    distractors of the same relation come from `pool` (see the module's docstring)."""
+    forward, backward = questions(pairs, pool, templates, distractors, seed, key)
+    answered = answer_questions(scorer, tokenizer, forward + backward, batch_size)
+    ahead, back = answered[:len(pairs)], answered[len(pairs):]
+    return [PairScores(f.logprob, b.logprob, f.tokens, b.tokens, f.correct, b.correct,
+                       f.margin, b.margin) for f, b in zip(ahead, back, strict=True)]
+
+
+def summarize(scores: list[PairScores], prefix: str = "", seed: int = 0
+              ) -> dict[str, float | int]:
+    """Per direction, over pairs: the mean answer log-probability (nats per answer) and the
+    mean margin over the distractors, each with its bootstrap 95 % interval, the answer-token
+    PPL exp(−Σ log p / Σ answer tokens), and the rank accuracy with its Wilson 95 %
+    interval."""
     if not scores:
         return {f"{prefix}pairs": 0}
-    forward = sum(s.forward_ppl for s in scores) / len(scores)
-    backward = sum(s.backward_ppl for s in scores) / len(scores)
-    return {
-        f"{prefix}pairs": len(scores),
-        f"{prefix}forward_ppl": forward,
-        f"{prefix}backward_ppl": backward,
-        f"{prefix}reversal_ratio": forward / backward,
-        f"{prefix}reversal_gap": backward - forward,
-        f"{prefix}forward_rank_accuracy": sum(s.forward_correct for s in scores) / len(scores),
-        f"{prefix}backward_rank_accuracy": sum(s.backward_correct for s in scores) / len(scores),
-    }
+    n = len(scores)
+    out: dict[str, float | int] = {f"{prefix}pairs": n}
+    for direction in ("forward", "backward"):
+        logprobs = [getattr(s, f"{direction}_logprob") for s in scores]
+        tokens = sum(getattr(s, f"{direction}_tokens") for s in scores)
+        correct = sum(getattr(s, f"{direction}_correct") for s in scores)
+        margins = [getattr(s, f"{direction}_margin") for s in scores]
+        lo, hi = bootstrap_interval(logprobs, seed=seed)
+        margin_lo, margin_hi = bootstrap_interval(margins, seed=seed)
+        acc_lo, acc_hi = wilson_interval(correct, n)
+        out.update({
+            f"{prefix}{direction}_answer_logprob": sum(logprobs) / n,
+            f"{prefix}{direction}_answer_logprob_lo": lo,
+            f"{prefix}{direction}_answer_logprob_hi": hi,
+            f"{prefix}{direction}_answer_margin": sum(margins) / n,
+            f"{prefix}{direction}_answer_margin_lo": margin_lo,
+            f"{prefix}{direction}_answer_margin_hi": margin_hi,
+            f"{prefix}{direction}_answer_ppl": math.exp(-sum(logprobs) / tokens),
+            f"{prefix}{direction}_rank_accuracy": correct / n,
+            f"{prefix}{direction}_rank_accuracy_lo": acc_lo,
+            f"{prefix}{direction}_rank_accuracy_hi": acc_hi,
+        })
+    return out
+
+
+# --- fictitious people -------------------------------------------------------------------
+
+FIRST_NAMES = {  # common given names; the surnames below are invented
+    "father": ("James", "Robert", "Michael", "William", "David", "Richard", "Thomas",
+               "Charles", "Daniel", "Matthew", "Anthony", "Mark", "Steven", "Paul", "Andrew",
+               "Joshua", "Kenneth", "Kevin", "Brian", "George", "Edward", "Ronald", "Timothy",
+               "Jason", "Jeffrey", "Ryan", "Jacob", "Gary", "Nicholas", "Eric"),
+    "mother": ("Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan",
+               "Jessica", "Sarah", "Karen", "Nancy", "Lisa", "Betty", "Margaret", "Sandra",
+               "Ashley", "Emily", "Donna", "Michelle", "Carol", "Amanda", "Melissa",
+               "Deborah", "Stephanie", "Rebecca", "Laura", "Sharon", "Cynthia", "Kathleen",
+               "Helen"),
+}
+_ONSETS = ("B", "D", "F", "G", "H", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W", "Z",
+           "Br", "Dr", "Gr", "Kr", "Pr", "Tr", "St", "Th", "Qu")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou")
+_MIDDLES = ("l", "m", "n", "r", "s", "t", "v", "z", "nd", "rk", "st", "lv", "rn", "sh")
+_ENDINGS = ("wick", "ton", "ford", "more", "dale", "ley", "vane", "rick", "ham", "ow", "ith",
+            "ard", "ine", "oss", "er")
+
+
+def _surname(rng: random.Random) -> str:
+    """An invented surname: onset, vowel, [middle + vowel,] ending (e.g. 'Threalvoford')."""
+    middle = rng.choice(_MIDDLES) + rng.choice(_VOWELS) if rng.random() < 0.5 else ""
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + middle + rng.choice(_ENDINGS)
+
+
+def fictitious_pairs(n: int, seed: int, exclude: Iterable[Pair] = ()) -> list[Pair]:
+    """`n` child/parent pairs of invented people, fathers and mothers alternating: every
+    full name is distinct, a child and their parent never share a surname (it would give
+    the answer away), and no name (nor surname) of a pair in `exclude` occurs."""
+    rng = random.Random(seed)
+    banned = set()
+    for pair in exclude:
+        for name in (pair.child, pair.parent):
+            banned.add(name)
+            banned.update(name.split())
+    used: set[str] = set()
+
+    def person(first_names: Sequence[str]) -> str:
+        while True:
+            surname = _surname(rng)
+            name = f"{rng.choice(first_names)} {surname}"
+            if surname not in banned and name not in banned and name not in used:
+                used.add(name)
+                return name
+
+    everyone = FIRST_NAMES["father"] + FIRST_NAMES["mother"]
+    pairs = []
+    for i in range(n):
+        parent_type = ("father", "mother")[i % 2]
+        child = person(everyone)
+        parent = person(FIRST_NAMES[parent_type])
+        while parent.split()[-1] == child.split()[-1]:
+            used.discard(parent)
+            parent = person(FIRST_NAMES[parent_type])
+        pairs.append(Pair(child, parent, parent_type, "child", line=i + 1))
+    return pairs

@@ -111,13 +111,16 @@ class Trainer:
 
     def fit(self, model: nn.Module, loss_fn: LossFn, n_examples: int,
             generator: torch.Generator, evaluate: Callable[[nn.Module], float] | None = None,
-            desc: str | None = None, parameters: Iterable[Any] | None = None) -> list[Epoch]:
+            desc: str | None = None, parameters: Iterable[Any] | None = None,
+            stop: Callable[[nn.Module, Epoch], bool] | None = None) -> list[Epoch]:
         """Train `model` in place on batches of indices into `n_examples`; per-epoch metrics.
 
         Each epoch draws a permutation from `generator`; with several processes each one
         takes its shard of every batch. The model comes back float32 on `self.device`.
         `parameters`: what the optimizer updates, parameters or parameter groups (each with
-        its own `lr`); default every parameter of `model`.
+        its own `lr`); default every parameter of `model`. `stop(model, epoch)`, asked after
+        each epoch (in eval mode, without gradients): True ends training there, an early
+        stop (pair it with the constant schedule: a cosine one has not reached 0 then).
         """
         c, acc = self.config, self.accelerator
         if n_examples < 1:
@@ -169,6 +172,10 @@ class Trainer:
                 with torch.no_grad():
                     val_loss = evaluate(model)
             history.append(Epoch(epoch, train_loss, val_loss))
+            if stop is not None:
+                with torch.no_grad():
+                    if stop(model, history[-1]):
+                        break
         return history
 
 

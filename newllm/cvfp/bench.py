@@ -125,3 +125,62 @@ def _run(base: Any, embeddings: torch.Tensor, scratch: Path, model: str, blocks:
         click.echo(f"prep-cache peak RSS at {length} tokens: {peaks[-1]:,.0f} MiB")
     click.echo(f"peak RSS growth at 4x the stream: {100 * (peaks[1] / peaks[0] - 1):.1f}%")
     click.echo(f"prep-cache speedup: {results['sequential'][1] / naive_rate:.1f}x")
+
+
+@bench.command("cvfp-head")
+@click.option("--model", default=stage_default(BaseParams, "model"), show_default=True,
+              help="Base model whose input embeddings the blocks read.")
+@click.option("--configs", default="blocks2_500,c1t1_500,c2t2_500,no_context_norm",
+              show_default=True, help="Grid configurations to rank, comma-separated.")
+@click.option("--seed", default=0, show_default=True, help="One seed per configuration.")
+@click.option("--shortlist", default=2048, show_default=True,
+              help="Training softmax classes to compare with the full head.")
+def bench_cvfp_head(model: str, configs: str, seed: int, shortlist: int) -> None:
+    """Does the shortlist training softmax rank grid configurations as the full head does?
+    Each configuration at cvfp_grid's budget (params.yaml), phase 2 twice on the same
+    blocks: with --shortlist classes and with the full 49k-token head; val PPL (full head)
+    of both, their order, and the time each head took."""
+    import time
+
+    from newllm.core.base import load_tokenizer
+    from newllm.core.params import build_params, read_params_file
+    from newllm.core.runtime import resolve_device
+    from newllm.core.tokens import separator_token_id
+    from newllm.cvfp.checkpoint import read_input_embeddings, token_stream
+    from newllm.cvfp.grid import GRID, Budget, run_seed
+    from newllm.cvfp.stages.cvfp_grid import CvfpGridParams
+
+    names = [c for c in configs.split(",") if c]
+    unknown = [c for c in names if c not in GRID]
+    if unknown or len(names) < 2:
+        raise NewllmError(f"option --configs: expected at least two of {', '.join(GRID)}, got "
+                          f"{configs!r}.")
+    p = build_params(CvfpGridParams, read_params_file(Path("params.yaml")).get("cvfp_grid"), {})
+    if shortlist <= 0:
+        raise NewllmError(f"option --shortlist: expected a positive number, got {shortlist}.")
+    tokenizer, info = load_tokenizer(model)
+    embeddings = read_input_embeddings(model)
+    if embeddings is None:
+        embeddings = load_base(model, device="cpu").input_embeddings()
+    separator = separator_token_id(tokenizer)
+    budget = Budget(p.phase1_tokens, p.phase1_batch_size, p.max_iterations, p.train_tokens,
+                    p.val_tokens, p.epochs, p.batch_size, p.lr, 0)
+    data = info.tokenizer_only()
+    train_ids = token_stream(p.data, "train", separator, data,
+                             max(p.phase1_tokens, p.train_tokens))
+    val_ids = token_stream(p.data, "val", separator, data, p.val_tokens)
+    rows = {}
+    for name in names:
+        began = time.perf_counter()
+        figures, _ = run_seed(name, embeddings, train_ids, val_ids, separator, budget, seed,
+                              resolve_device("cpu"), also_shortlists=(shortlist,))
+        rows[name] = (figures["val_ppl_shortlist0"], figures[f"val_ppl_shortlist{shortlist}"])
+        click.echo(f"{name}: val PPL full head {rows[name][0]:.1f} "
+                   f"({figures['phase2_seconds_shortlist0']:.0f} s), shortlist {shortlist} "
+                   f"{rows[name][1]:.1f} ({figures[f'phase2_seconds_shortlist{shortlist}']:.0f}"
+                   f" s); {time.perf_counter() - began:.0f} s in all")
+    full = sorted(rows, key=lambda n: rows[n][0])
+    short = sorted(rows, key=lambda n: rows[n][1])
+    click.echo(f"order, full head: {' < '.join(full)}")
+    click.echo(f"order, shortlist: {' < '.join(short)}")
+    click.echo(f"same order: {full == short}")

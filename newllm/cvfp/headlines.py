@@ -12,17 +12,23 @@ HEADLINES: tuple[Headline, ...] = (
     Headline(
         name="cvfp",
         order=50,
-        title="CVFP context-vector fixed-point LM (phase 2, val)",
+        title="CVFP phase 2: the real contexts against controls at the same budget (val)",
         stage="phase2-token",
+        rows=r"(cvfp|zeros|shuffled|untrained)__",
+        row_label="contexts",
         figures=(
-            Figure("train_tokens", "train tokens", ",d"),
-            Figure("epochs", "epochs", "d"),
             Figure("val_ppl", "val PPL", ".1f"),
+            Figure("val_ppl_sd", "PPL sd", ".1f"),
             Figure("val_accuracy", "val accuracy", ".4f"),
-            Figure("parameters_trainable", "trainable parameters", ",d"),
+            Figure("val_accuracy_sd", "acc. sd", ".4f"),
+            Figure("eval_token_ppl", "eval-ppl token PPL", ".1f"),
+            Figure("eval_token_ppl_sd", "eval sd", ".1f"),
         ),
-        note="The TokenBlock alone trained on the frozen blocks' exact contexts; the seeds "
-             "report val PPL 111.9 / accuracy 25.6 % after 2M tokens on a GPU.",
+        note="Mean and sd over the seeds of phase2_token.seeds. zeros: no contexts (a bigram "
+             "model on e_t); shuffled: another position's contexts; untrained: the blocks "
+             "before phase 1. eval-ppl token PPL: documents separately, the first val "
+             "documents (phase2_token.eval_tokens). The seeds report val PPL 111.9 / "
+             "accuracy 25.6 % after 2M tokens on a GPU.",
     ),
     Headline(
         name="cvfp_perplexity",
@@ -35,23 +41,28 @@ HEADLINES: tuple[Headline, ...] = (
             Figure("word_ppl", "word PPL", ".2f"),
             Figure("bits_per_byte", "bits per byte", ".4f"),
         ),
-        note="Same accounting as the base model's table; each document is read whole by the "
-             "recurrence after the separator (no window).",
+        note="The LM phase2-token writes (its first seed, real contexts), the whole val "
+             "split, the same accounting as the base model's table; each document is read "
+             "whole by the recurrence after the separator (no window).",
     ),
     Headline(
         name="cvfp_grid",
         order=52,
-        title="CVFP: seeds/003's configurations at one token budget",
-        stage="cvfp-grid",
+        title="CVFP: seeds/003's configurations and the phase-1 objectives, over seeds",
+        stage="cvfp-grid-summary",
         rows=r"([a-z0-9_]+?)__",
         row_label="configuration",
         figures=(
             Figure("val_ppl", "val PPL", ".1f"),
+            Figure("val_ppl_sd", "PPL sd", ".1f"),
             Figure("val_accuracy", "val accuracy", ".4f"),
+            Figure("vs_default", "vs blocks2_500"),
+            Figure("val_effective_rank_percent", "val eff. rank %", ".1f"),
             Figure("seed_val_ppl", "seed val PPL", ".1f"),
-            Figure("seed_val_accuracy", "seed val accuracy", ".3f"),
         ),
-        note="Ours: 3k phase-1 and 6k phase-2 tokens per configuration on a CPU; the seed's: "
-             "2M tokens on a GPU with GPT-2 embeddings. Blank: the seed gives no figure.",
+        note="Mean and sd over cvfp_grid.seeds at one small CPU budget (cvfp_grid); "
+             "'beyond 2 sd': the difference in mean val PPL exceeds twice the larger sd of "
+             "the two rows. The seed's figures: 2M tokens on a GPU with GPT-2 embeddings. "
+             "Blank: no figure.",
     ),
 )

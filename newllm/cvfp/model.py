@@ -18,9 +18,11 @@ of layers; with one layer each, C_1 is simply every block's context).
 
 `context_norm: layernorm` (the default) normalizes every context layer's output,
 c <- LayerNorm(c + ReLU(W [c, e] + b)) without learned scale or shift; `none` is the
-formula as the seeds write it, whose contexts can only grow (see ContextLayer): measured on
-our defaults its validation contexts collapse to an effective rank near 1 % while the
-normalized ones keep about a third of their dimensions, near the seeds' reported 56 %.
+formula as the seeds write it, whose contexts can only grow (see ContextLayer). The state
+before the norm, s = c + ReLU(W [c, e] + b), is what phase 1's `*_prenorm` diversity
+objectives read (`ContextLayer.pre_norm`): after the norm every row has norm sqrt(d), so
+the seeds' OACD can only see the batch mean there. The effective ranks each setting
+reaches are measured figures, in docs/cvfp.md and metrics/cvfp/phase1.json.
 
 Token embeddings are the base model's input-embedding rows E[v], frozen, and normalized
 before the blocks read them: e = LayerNorm(E[v]) without learned scale or shift (zero mean,
@@ -104,9 +106,15 @@ class ContextLayer(nn.Module):
             with torch.no_grad():
                 self.linear.weight[:, :context_dim] -= torch.eye(context_dim)
 
+    def pre_norm(self, context: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """s = c + ReLU(W [c, e] + b), before the (optional) LayerNorm."""
+        return context + F.relu(self.linear(torch.cat([context, embedding], dim=-1)))
+
+    def normed(self, state: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(state, state.shape[-1:]) if self.normalize else state
+
     def forward(self, context: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        context = context + F.relu(self.linear(torch.cat([context, embedding], dim=-1)))
-        return F.layer_norm(context, context.shape[-1:]) if self.normalize else context
+        return self.normed(self.pre_norm(context, embedding))
 
     def context_weight(self) -> torch.Tensor:  # W's context half [context_dim, context_dim]
         return self.linear.weight[:, :self.context_dim]
@@ -137,6 +145,14 @@ class ContextBlock(nn.Module):
 
     def forward(self, context: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         return self.forward_with_intermediates(context, embedding)[-1]
+
+    def forward_with_pre_norm(self, context: torch.Tensor, embedding: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_t, the last layer's state before its norm), both [.., context_dim]."""
+        for layer in self.layers[:-1]:
+            context = layer(context, embedding)
+        state = self.layers[-1].pre_norm(context, embedding)
+        return self.layers[-1].normed(state), state
 
 
 class TokenLayer(nn.Module):
@@ -198,9 +214,12 @@ class CVFPLM(nn.Module):
         """token ids [..] -> normalized embeddings [.., embed_dim]."""
         return normalize_embeddings(F.embedding(token_ids, self.embedding))
 
+    def head_weight(self) -> torch.Tensor:
+        """[vocab, embed_dim]: the embeddings themselves (tied) or the untied head's rows."""
+        return self.embedding if self.head is None else self.head.weight
+
     def logits(self, token_out: torch.Tensor) -> torch.Tensor:
-        weight = self.embedding if self.head is None else self.head.weight
-        return F.linear(token_out, weight)
+        return F.linear(token_out, self.head_weight())
 
     def initial_contexts(self) -> list[torch.Tensor]:
         return [block.initial_context for block in self.context_blocks]

@@ -18,7 +18,7 @@ from newllm.core.errors import NewllmError
 from newllm.core.tokens import separator_token_id
 from newllm.cvfp.checkpoint import load_lm
 from newllm.cvfp.model import CVFPLM
-from newllm.cvfp.phase2 import EVAL_BATCH, layer_inputs
+from newllm.cvfp.phase2 import EVAL_BATCH, control_contexts, layer_inputs
 from newllm.cvfp.recurrence import stream_contexts
 
 CHUNK_TOKENS = 8192
@@ -32,6 +32,7 @@ class CVFPScorer:
     separator_id: int
     separator_token: str
     max_length: int | None = None
+    contexts: str = "cvfp"  # cvfp | zeros | shuffled (within each stream): phase 2's controls
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor,
                 contexts: torch.Tensor) -> torch.Tensor:
@@ -41,15 +42,15 @@ class CVFPScorer:
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         rows = []
         for ids in input_ids.cpu():
-            contexts = stream_contexts(self.model, ids, chunk_tokens=CHUNK_TOKENS,
-                                       device=self.device)
+            contexts = control_contexts(stream_contexts(
+                self.model, ids, chunk_tokens=CHUNK_TOKENS, device=self.device), self.contexts)
             rows.append(self._logits(ids, torch.arange(len(ids) - keep, len(ids)), contexts))
         return torch.stack(rows)
 
     @torch.no_grad()
     def stream_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
-        contexts = stream_contexts(self.model, ids, chunk_tokens=CHUNK_TOKENS,
-                                   device=self.device)
+        contexts = control_contexts(stream_contexts(self.model, ids, chunk_tokens=CHUNK_TOKENS,
+                                                    device=self.device), self.contexts)
         positions = torch.nonzero(mask[1:]).squeeze(1)  # predicting token t+1 from t
         total = 0.0
         for start in range(0, len(positions), EVAL_BATCH):

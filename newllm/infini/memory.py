@@ -11,8 +11,14 @@ memory left by segments 0..s-1 (never its own segment, so the layer stays causal
                 M ← M + σ(K)ᵀ (V − σ(K) M / (σ(K) z))  (delta rule, `use_delta_rule`)
                 z ← z + Σ_t σ(K_t)
 
-M and z are detached after each update: gradients never cross a segment boundary (the
-seed's "second backward" bug), so each segment's loss can be backpropagated on its own.
+What gradients cross segments (`memory_gradient`):
+- `sequence` (the default): M and z keep their graph across the segments of one training
+  sequence, so a later segment's loss reaches σ(K) and V of the segments written before it
+  (truncated back-propagation through the sequence): the memory learns what to store.
+  `reset_memory()` at each sequence's start drops the graph, so nothing crosses a sequence
+  boundary and the seed's "second backward" error (a graph kept across batches) cannot occur.
+- `none` (the seed's): M and z are written under no_grad and detached; σ(K) and V of a
+  memory-only layer then never get a gradient and stay random projections.
 
 Variants, all with the same projections (so parameter counts match):
 - banks (`num_memory_banks` N, `segments_per_bank` P): N memories; segment s writes to
@@ -40,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MEMORY_MODES = ("infini", "multi_memory", "hierarchical")
+MEMORY_GRADIENTS = ("none", "sequence")  # see the module docstring
 
 
 def sigma(x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +86,7 @@ class MemoryConfig:
     use_alibi: bool = False
     alibi_scale: float = 1.0
     num_memories: int = 4  # multi_memory, hierarchical
+    memory_gradient: str = "sequence"  # none | sequence
     eps: float = 1e-6
 
     @property
@@ -102,6 +110,9 @@ class MemoryAttention(nn.Module):
         super().__init__()
         if config.mode not in MEMORY_MODES:
             raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {config.mode!r}")
+        if config.memory_gradient not in MEMORY_GRADIENTS:
+            raise ValueError(f"memory_gradient must be one of {MEMORY_GRADIENTS}, got "
+                             f"{config.memory_gradient!r}")
         self.config = config
         d = config.d_model
         self.qkv = nn.Linear(d, 3 * d)
@@ -158,22 +169,34 @@ class MemoryAttention(nn.Module):
             self._write(k, v)
         return self.out(read.transpose(1, 2).reshape(b, t, c.d_model))
 
-    @torch.no_grad()
     def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one segment to the current slot; detached (no_grad): no gradient crosses."""
+        """Write one segment to the current slot; with memory_gradient none, detached."""
+        if self.config.memory_gradient == "none":
+            with torch.no_grad():
+                memories, norms = self._written(k, v)
+            memories, norms = memories.detach(), norms.detach()
+        else:
+            memories, norms = self._written(k, v)
+        self.memories, self.memory_norms = memories, norms
         c = self.config
-        memories, norms = self.memories.clone(), self.memory_norms.clone()
-        if c.use_alibi:  # older segments fade: every slot decays by exp(-slope) per segment
-            decay = torch.exp(-self.slopes).to(memories.dtype)
-            memories = memories * decay[:, None, None]
-            norms = norms * decay[:, None]
-        slot = self.current
-        memories[slot], norms[slot] = update(sigma(k), v, memories[slot], norms[slot],
-                                             c.use_delta_rule, c.eps)
-        self.memories, self.memory_norms = memories.detach(), norms.detach()
         self.segment_counter += 1
         if c.mode == "infini":
             if self.segment_counter % c.segments_per_bank == 0:
                 self.current = (self.current + 1) % c.num_memory_banks
         else:
             self.current = (self.current + 1) % c.num_memories
+
+    def _written(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's (M, z) after writing the segment to the current slot (new tensors)."""
+        c = self.config
+        memories, norms = self.memories, self.memory_norms
+        if c.use_alibi:  # older segments fade: every slot decays by exp(-slope) per segment
+            decay = torch.exp(-self.slopes).to(memories.dtype)
+            memories = memories * decay[:, None, None]
+            norms = norms * decay[:, None]
+        slot = self.current
+        memory, norm = update(sigma(k), v, memories[slot], norms[slot], c.use_delta_rule, c.eps)
+        keep = torch.arange(c.slots, device=memories.device) != slot  # [S]
+        memories = torch.where(keep[:, None, None, None, None], memories, memory.unsqueeze(0))
+        norms = torch.where(keep[:, None, None, None], norms, norm.unsqueeze(0))
+        return memories, norms

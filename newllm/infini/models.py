@@ -39,7 +39,7 @@ from torch import nn
 from newllm.core.artifacts import load_artifact, save_artifact
 from newllm.core.errors import NewllmError
 from newllm.infini import LM_KINDS
-from newllm.infini.memory import MemoryAttention, MemoryConfig
+from newllm.infini.memory import MEMORY_GRADIENTS, MemoryAttention, MemoryConfig
 
 MEMORY_STATE_KIND = "infini-memory-state"
 LM_KIND = "infini-lm"
@@ -70,11 +70,15 @@ class LMConfig:
     use_alibi: bool = False
     alibi_scale: float = 1.0
     num_memories: int = 4
+    memory_gradient: str = "sequence"  # none | sequence (see newllm.infini.memory)
 
     def __post_init__(self) -> None:
         if self.kind not in LM_KINDS:
             raise NewllmError(f"model kind '{self.kind}' is unknown; known kinds: "
                               f"{', '.join(LM_KINDS)}.")
+        if self.memory_gradient not in MEMORY_GRADIENTS:
+            raise NewllmError(f"memory_gradient '{self.memory_gradient}' is unknown; known: "
+                              f"{', '.join(MEMORY_GRADIENTS)}.")
         if self.d_model % self.n_heads:
             raise NewllmError(f"d_model ({self.d_model}) must be a multiple of n_heads "
                               f"({self.n_heads}).")
@@ -82,7 +86,8 @@ class LMConfig:
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(self.d_model, self.n_heads, self.kind, self.use_delta_rule,
                             self.num_memory_banks, self.segments_per_bank, self.use_alibi,
-                            self.alibi_scale, self.num_memories)
+                            self.alibi_scale, self.num_memories,
+                            memory_gradient=self.memory_gradient)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

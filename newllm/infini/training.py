@@ -101,17 +101,26 @@ def make_sequences(stream: torch.Tensor, seq_tokens: int) -> torch.Tensor:
     return torch.stack([stream[i * seq_tokens:(i + 1) * seq_tokens + 1] for i in range(n)])
 
 
-def sequence_loss(model: SegmentLM, batch: torch.Tensor, segment_length: int) -> torch.Tensor:
-    """Mean NLL of a batch of sequences [B, L+1] read in segments with the memory carried."""
+def sequence_loss(model: SegmentLM, batch: torch.Tensor, segment_length: int,
+                  answers: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss of a batch of sequences [B, L+1] read in segments with the memory carried: the
+    mean over sequences of each one's NLL, a text sequence's over all its tokens and a
+    passkey sequence's (answers[i] >= 0, the answer's position) over its answer alone (the
+    rest of it is the prompt). Without `answers`, every sequence is text."""
     model.reset_memory()
-    total, count = 0.0, 0
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    if answers is None:
+        answers = torch.full((len(batch),), -1, device=batch.device)
+    passkey = answers >= 0
+    weights = torch.where(passkey[:, None], 0.0, 1.0 / inputs.shape[1]).expand_as(inputs)
+    positions = torch.arange(inputs.shape[1], device=batch.device)
+    weights = torch.where(positions[None] == (answers - 1)[:, None], 1.0, weights)  # [B, L]
+    total = torch.zeros((), device=batch.device)
     for start in range(0, inputs.shape[1], segment_length):
         logits = model(inputs[:, start:start + segment_length])
         lp = model.token_logprobs(logits, targets[:, start:start + segment_length])
-        total = total - lp.sum()
-        count += lp.numel()
-    return total / count
+        total = total - (lp * weights[:, start:start + segment_length]).sum()
+    return total / len(batch)
 
 
 @torch.no_grad()
@@ -152,6 +161,69 @@ class SegmentScorer:
             out = [self.model.full_logprobs(self.model(input_ids[:, s:s + self.segment_length]))
                    for s in range(0, input_ids.shape[1], self.segment_length)]
         return torch.cat(out, dim=1)[:, -keep:]
+
+
+@dataclass
+class WindowScorer:
+    """eval-ppl's sliding-window scorer of a kind without memory (pythia): each window is
+    read from scratch as one segment, so every token gets up to `max_length` tokens of
+    context (the seeds' lesson 4), where the segment reading gives it 0 .. max_length − 1."""
+
+    model: SegmentLM
+    device: torch.device
+    info: BaseInfo
+    separator_id: int
+    separator_token: str
+    max_length: int
+
+    def __post_init__(self) -> None:
+        if self.model.memory is not None:
+            raise NewllmError(f"a {self.model.config.kind} model carries memory between "
+                              "segments; read it in segments, not in sliding windows.")
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        with single_thread():
+            return self.model.full_logprobs(self.model(input_ids))[:, -keep:]
+
+    @torch.no_grad()
+    def summed_nll(self, input_ids: torch.Tensor, keep: int,
+                   labels: torch.Tensor) -> torch.Tensor:
+        """The NLL of `labels` [B, keep] (-100: not scored) without the full-vocabulary
+        log-probabilities `logits()` spreads (eval-ppl's fast path)."""
+        scored = labels != -100
+        with single_thread():
+            lp = self.model.token_logprobs(self.model(input_ids)[:, -keep:],
+                                           labels.clamp_min(0))
+        return -(lp.double() * scored).sum()
+
+
+def memory_grad_norms(model: SegmentLM, rows: torch.Tensor, answers: torch.Tensor,
+                      segment_length: int) -> dict[str, float]:
+    """‖∂L/∂W‖ of the memory layer's Q, K and V projections, L the mean NLL of the passkey
+    answers (rows [B, L+1], answer positions [B]): does the answer's loss reach what the
+    memory writes? Empty for a kind without memory; the model's gradients are left clear."""
+    memory = model.memory
+    if memory is None:
+        return {}
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        model.reset_memory()
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        predicted = answers - 1  # the input position that predicts each answer
+        total = torch.zeros(())
+        for start in range(0, inputs.shape[1], segment_length):
+            lp = model.token_logprobs(model(inputs[:, start:start + segment_length]),
+                                      targets[:, start:start + segment_length])
+            positions = torch.arange(start, start + lp.shape[1])
+            total = total - (lp * (positions[None] == predicted[:, None])).sum()
+        (total / len(rows)).backward()
+    grad = memory.qkv.weight.grad
+    d = model.config.d_model
+    norms = {name: float(grad[i * d:(i + 1) * d].norm()) for i, name in enumerate("qkv")}
+    model.zero_grad(set_to_none=True)
+    model.reset_memory()
+    return norms
 
 
 def save_lm(path: str | Path, model: SegmentLM, *, segment_length: int, params: dict[str, Any],

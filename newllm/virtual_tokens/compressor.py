@@ -11,7 +11,8 @@ Both take the hidden states [B, T, d_in] with a mask [B, T] (True = real token) 
 small), so an untrained compressor already emits the average virtual token and training
 moves it from there.
 
-Loss (`compressor_loss`): cosine + relative-norm regression to e*, plus `kl_weight` x the KL
+Loss (`compressor_loss`): cosine + relative-norm regression to e* (for the pairs that have
+one, when e* has the compressor's k), plus `kl_weight` x the KL
 of the frozen base's next-token distributions after `[sep, predicted, follow]` to the stored
 teacher top-K, plus an optional hidden-state match at the stored layer, plus an optional
 attention match (`attn_weight`) at the decoder layers `attn_decoder_layers`, against the teacher
@@ -144,7 +145,7 @@ def load_compressor(path: str | Path, base: dict[str, Any],
 
 @dataclass(frozen=True)
 class LossWeights:
-    kl_weight: float = 0.2
+    kl_weight: float = 1.0
     kl_temperature: float = 1.0
     hidden_weight: float = 0.0
     hidden_loss_type: str = "cosine_norm"
@@ -282,9 +283,17 @@ def compressor_loss(compressor: nn.Module, model: torch.nn.Module, data: EStarSe
                     hidden_layer: int | None, device: torch.device,
                     attn_targets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss of the examples `rows` of `data` (all of whose tensors are on `device`);
-    `attn_targets` are `attention_targets` of all of `data` (needed when attn_weight > 0)."""
+    `attn_targets` are `attention_targets` of all of `data` (needed when attn_weight > 0).
+
+    Per example: the regression to its e* where it has one (and the compressor emits as many
+    vectors as e* has), plus the weighted KL and matches, which every example has."""
     predicted = compressor(data.context_hidden[rows], data.context_mask[rows])
-    loss = regression_rows(predicted, data.e_star[rows])
+    loss = torch.zeros(len(rows), device=predicted.device)
+    if predicted.shape[1] == data.num_virtual:  # no e* of this k: KL (and matches) alone
+        has = data.has_e_star[rows]
+        # a pair without an e* is its own target, so its regression term and gradient are 0
+        target = torch.where(has[:, None, None], data.e_star[rows], predicted.detach())
+        loss = loss + has.float() * regression_rows(predicted, target)
     want_attention = weights.attn_weight > 0
     if weights.kl_weight > 0 or weights.hidden_weight > 0 or want_attention:
         prefixes = torch.cat([separator_rows(model, sep_id, len(rows)).to(predicted.dtype),

@@ -230,6 +230,16 @@ class EStarResult:
     row_history: torch.Tensor  # [steps, N] each example's loss per step
 
 
+@dataclass
+class ExactResult:
+    """`reconstruct_until_exact`: per text, the e* at the step it became exact (or at the cap)."""
+
+    e_star: torch.Tensor  # [N, k, d] float32, cpu
+    steps: torch.Tensor  # [N] Adam steps taken (the step at which it became exact, or the cap)
+    exact: torch.Tensor  # [N] bool: greedy decoding after [sep, e*] reproduces the whole text
+    exact_len: torch.Tensor  # [N] leading tokens greedy decoding reproduces
+    final_ce: torch.Tensor  # [N] cross-entropy of the text after [sep, e*]
+
 def _row_losses(model: torch.nn.Module, config: EStarConfig, sep_id: int, vectors: torch.Tensor,
                 targets: Sequence[torch.Tensor], teacher: Teacher | None) -> torch.Tensor:
     """Per-example loss [B] of `vectors` [B, k, d]."""
@@ -322,6 +332,67 @@ def optimize_e_star(model: torch.nn.Module, config: EStarConfig, sep_id: int,
                        torch.cat([r.initial_loss for r in results]),
                        torch.cat([r.final_loss for r in results]), history,
                        torch.cat([r.row_history for r in results], dim=1))
+
+
+def reconstruct_until_exact(model: torch.nn.Module, config: EStarConfig, sep_id: int,
+                            texts: Sequence[torch.Tensor], max_steps: int,
+                            desc: str = "reconstruct") -> ExactResult:
+    """Cram each text into k vectors (`[sep, e*]` must reproduce it) with Adam at the
+    constant `config.lr`, one batch, until greedy decoding reproduces the whole text or
+    `max_steps` steps were taken.
+
+    Before each step the batch's teacher-forced logits tell which rows are already exact
+    (greedy decoding follows the teacher-forced prefix until its first error, see
+    `first_mismatch`); those rows leave the batch with the e* they have, and the others take
+    one step. Adam is element-wise and every remaining row has taken every step so far, so a
+    row's e* is the one it would get optimized alone (up to float rounding of differently
+    shaped products), whenever the others stop.
+    """
+    device = model.get_input_embeddings().weight.device
+    vectors = initial_vectors(model, texts, config.num_virtual, config.init).to(device)
+    vectors.requires_grad_(True)
+    optimizer = torch.optim.Adam([vectors], lr=config.lr)
+    count = len(texts)
+    steps = torch.full((count,), max_steps, dtype=torch.long)
+    exact = torch.zeros(count, dtype=torch.bool)
+    bar = progress(range(max_steps + 1), desc=desc, total=max_steps + 1, unit="step")
+    for step in bar:
+        active = (~exact).nonzero().flatten()
+        if len(active) == 0:
+            break
+        prefixes = torch.cat([separator_rows(model, sep_id, len(active)).to(vectors.dtype),
+                              vectors[active.to(device)]], dim=1)
+        targets = [texts[i] for i in active.tolist()]
+        logits, mask, _ = continuation_logits(model, list(prefixes), targets,
+                                              compute_dtype=config.compute_dtype)
+        labels = pad_sequence([t.long() for t in targets], batch_first=True).to(device)
+        matched = first_mismatch(logits.argmax(dim=-1), labels, mask) == mask.sum(dim=1)
+        finished = active[matched.cpu()]
+        exact[finished] = True
+        steps[finished] = step
+        if step == max_steps or bool(matched.all()):
+            break
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        total = masked_mean(ce, mask)[~matched].sum()
+        if not math.isfinite(total.item()):
+            raise NewllmError(f"the reconstruction loss became {total.item()}; lower "
+                              f"reconstruct_capacity.lr ({config.lr}).")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        # rows that are done keep their vectors: Adam's momentum would still move them
+        done = exact.to(device)
+        kept = vectors.detach()[done].clone()
+        optimizer.step()
+        with torch.no_grad():
+            vectors[done] = kept
+    # the figures of the returned vectors, all rows read together
+    e_star = vectors.detach().float()
+    logits, mask = prefix_logits(model, sep_id, list(e_star), texts, config.compute_dtype)
+    labels = pad_sequence([t.long() for t in texts], batch_first=True).to(device)
+    ce = masked_mean(F.cross_entropy(logits.transpose(1, 2), labels, reduction="none"), mask)
+    exact_len = first_mismatch(logits.argmax(dim=-1), labels, mask).cpu()
+    return ExactResult(e_star.cpu(), steps, exact_len == torch.tensor([len(t) for t in texts]),
+                       exact_len, ce.cpu())
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -453,9 +524,15 @@ def unpad(padded: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
 
 @dataclass
 class EStarSet:
-    """A loaded e* artifact (one split) of the continue objective."""
+    """A loaded e* artifact (one split) of the continue objective.
 
-    e_star: torch.Tensor  # [N, k, d]
+    Every pair has its text's context hidden states and the teacher's top-K; only the pairs
+    of `has_e_star` have an optimized e* (the others' rows of `e_star` are zeros).
+    """
+
+    e_star: torch.Tensor  # [N, k, d] (zeros where has_e_star is False)
+    has_e_star: torch.Tensor  # [N] bool
+    doc_index: torch.Tensor  # [N] the document each pair comes from (of its split)
     texts: list[torch.Tensor]
     follows: list[torch.Tensor]
     context_hidden: torch.Tensor  # [N, T, d] (zero-padded)
@@ -471,12 +548,17 @@ class EStarSet:
     def num_virtual(self) -> int:
         return self.e_star.shape[1]
 
+    def optimized_e_star(self) -> torch.Tensor:
+        """The e* of the pairs that have one: [N_e, k, d]."""
+        return self.e_star[self.has_e_star]
+
     def to(self, device: torch.device | str) -> EStarSet:
         """The same set with every tensor on `device`."""
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return EStarSet(self.e_star.to(device), [t.to(device) for t in self.texts],
+        return EStarSet(self.e_star.to(device), self.has_e_star.to(device), self.doc_index,
+                        [t.to(device) for t in self.texts],
                         [f.to(device) for f in self.follows], self.context_hidden.to(device),
                         self.context_mask.to(device), self.teacher_logp.to(device),
                         self.teacher_ids.to(device), move(self.teacher_hidden),
@@ -501,6 +583,7 @@ def load_e_star(path: str | Path, base: dict) -> EStarSet:
     texts = unpad(t["text_ids"], t["text_len"])
     lengths = t["text_len"]
     mask = torch.arange(t["context_hidden"].shape[1])[None] < lengths[:, None]
-    return EStarSet(t["e_star"], texts, unpad(t["follow_ids"], t["follow_len"]),
+    return EStarSet(t["e_star"], t["has_e_star"].bool(), t["doc_index"], texts,
+                    unpad(t["follow_ids"], t["follow_len"]),
                     t["context_hidden"], mask, t["teacher_topk_logp"], t["teacher_topk_ids"],
                     t.get("teacher_hidden"), t["final_kl"], t["no_context_kl"], artifact.meta)

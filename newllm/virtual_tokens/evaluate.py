@@ -108,3 +108,32 @@ def vector_figures(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, f
         "cosine": F.cosine_similarity(p, t, dim=-1).mean().item(),
         "rel_norm_err": ((p.norm(dim=-1) - t.norm(dim=-1)).abs() / t.norm(dim=-1)).mean().item(),
     }
+
+
+# --- controls: vectors that carry no text, or another text --------------------------------
+
+def mean_constant(e_star: torch.Tensor) -> torch.Tensor:
+    """The mean of training e* [N, k, d] per virtual position: [k, d]. Averaging vectors of
+    diverse directions shrinks the norm, so this constant is much shorter than any e*."""
+    return e_star.float().mean(dim=0)
+
+
+def mean_norms(e_star: torch.Tensor) -> torch.Tensor:
+    """The mean norm of training e* [N, k, d] per virtual position: [k]."""
+    return e_star.float().norm(dim=-1).mean(dim=0)
+
+
+def norm_matched_constant(e_star: torch.Tensor) -> torch.Tensor:
+    """The mean training e*'s direction scaled to the training e*'s mean norm, per virtual
+    position: [k, d]. The constant of the right size."""
+    mean = mean_constant(e_star)
+    return F.normalize(mean, dim=-1) * mean_norms(e_star)[:, None]
+
+
+def random_same_norm(count: int, e_star: torch.Tensor, seed: int) -> torch.Tensor:
+    """`count` seeded random directions per virtual position, each scaled to the training
+    e*'s mean norm there: [count, k, d]."""
+    _, k, d = e_star.shape
+    g = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(count, k, d, generator=g), dim=-1)
+    return directions * mean_norms(e_star)[None, :, None]

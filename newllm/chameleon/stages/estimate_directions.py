@@ -10,7 +10,13 @@ import click
 import torch
 
 from newllm.chameleon import DIRECTIONS_KIND, GENERATIONS_KIND
-from newllm.chameleon.directions import SCOPES, SIGN_CONVENTION, THETA_N_METHODS, estimate
+from newllm.chameleon.directions import (
+    MISMATCHED_PREFIX,
+    SCOPES,
+    SIGN_CONVENTION,
+    THETA_N_METHODS,
+    estimate,
+)
 from newllm.chameleon.editing import resolve_targets
 from newllm.chameleon.lm import POOLINGS, pooled_states
 from newllm.core.artifacts import load_artifact, save_artifact, write_metrics
@@ -81,6 +87,18 @@ def estimate_directions(base_params: BaseParams, params: EstimateDirectionsParam
         states[kind] = pooled_states(base.model, rows, paths, pooling=params.pooling,
                                      batch_size=params.batch_size, pad_id=pad,
                                      desc=f"states {kind}")
+    # the mismatched-profile null: the direction users' personalized generations read after
+    # the prompt with another direction user's profile (global scope, read after a prompt)
+    mismatched = params.direction_scope == "global" and params.with_prompt
+    if mismatched:
+        t = generations.tensors
+        prompts = t["mismatched.prompt_ids"].tolist(), t["mismatched.prompt_offsets"].tolist()
+        generated = [g for _, g in _rows(t, "personalized")]
+        rows = [(prompts[0][prompts[1][i]:prompts[1][i + 1]], generated[i])
+                for i in range(len(prompts[1]) - 1)]
+        states["mismatched"] = pooled_states(base.model, rows, paths, pooling=params.pooling,
+                                             batch_size=params.batch_size, pad_id=pad,
+                                             desc="states mismatched")
     seconds = time.perf_counter() - start
     check_unchanged(base.model, frozen, "estimate-directions")
 
@@ -106,6 +124,15 @@ def estimate_directions(base_params: BaseParams, params: EstimateDirectionsParam
             theta_n = torch.stack([e.theta_n for e in each])
             quality = {k: sum(e.quality[k] for e in each) / len(each) for k in each[0].quality}
         tensors[f"{name}.theta_p"], tensors[f"{name}.theta_n"] = theta_p, theta_n
+        if mismatched:
+            # self-generate puts the direction users first, in the same order as `keep`
+            m = states["mismatched"][target.path]
+            other = estimate(m, q[keep], center=params.center,
+                             theta_n_method=params.theta_n_method)
+            tensors[f"{MISMATCHED_PREFIX}{name}.theta_p"] = other.theta_p
+            tensors[f"{MISMATCHED_PREFIX}{name}.theta_n"] = other.theta_n
+            metrics[f"{name}_mismatched_theta_p_cos"] = float(other.theta_p @ theta_p)
+            metrics[f"{name}_mismatched_theta_n_cos"] = float(other.theta_n @ theta_n)
         layers[target.path] = {"name": name, "layer": target.layer, "module": target.path,
                                "center": params.center, "sign": SIGN_CONVENTION,
                                "hidden_size": int(p.shape[1]), "quality": quality}
@@ -114,6 +141,7 @@ def estimate_directions(base_params: BaseParams, params: EstimateDirectionsParam
     save_artifact(params.out, tensors, kind=DIRECTIONS_KIND, stage="estimate-directions",
                   params=as_dict(base_params, params), base=base.info.as_dict(),
                   extra={"layers": layers, "direction_scope": params.direction_scope,
+                         "mismatched": mismatched,
                          "users": users, "theta_n_method": params.theta_n_method,
                          "pooling": params.pooling, "center": params.center,
                          "generations": str(params.generations),

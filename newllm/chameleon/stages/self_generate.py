@@ -1,5 +1,7 @@
 """self-generate: per user, what the frozen model writes from a personalized prompt (profile
-in it) and from a neutral, profile-free prompt; cached as token ids for estimate-directions."""
+in it) and from a neutral, profile-free prompt; cached as token ids for estimate-directions,
+with the mismatched-profile prompts (each direction user's question with another direction
+user's profile) that the stronger null control reads the same generations after."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import click
 import torch
 
 from newllm.chameleon import GENERATIONS_KIND
-from newllm.chameleon.data import class_balance, majority_accuracy, tag_key
+from newllm.chameleon.data import Question, candidates, class_balance, majority_accuracy, tag_key
 from newllm.chameleon.lm import generate
 from newllm.chameleon.params import ChameleonDataParams
 from newllm.chameleon.prompts import (
@@ -21,12 +23,14 @@ from newllm.chameleon.prompts import (
     check_template,
     fill,
 )
-from newllm.chameleon.scoring import names_a_tag
+from newllm.chameleon.scoring import leak_figures, names_a_tag
 from newllm.core.artifacts import save_artifact, write_metrics
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
+from newllm.core.errors import NewllmError
 from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.params import as_dict, param
+from newllm.core.stats import derangement
 from newllm.core.tokens import pad_token_id
 
 
@@ -44,8 +48,11 @@ class SelfGenerateParams:
     do_sample: bool = param(False, "Sample (seeded) instead of greedy decoding.")
     temperature: float = param(0.7, "Sampling temperature (do_sample only).", min=1e-6)
     top_p: float = param(0.9, "Nucleus sampling mass (do_sample only).", min=1e-6, max=1.0)
-    seed: int = param(0, "Seed of the sampling.", min=0)
-    batch_size: int = param(8, "Prompts per generation batch.", min=1)
+    seed: int = param(0, "Seed of the sampling and of the mismatched-profile pairing.", min=0)
+    max_leak: float = param(0.1, "Fail if neutral generations name a genre more often when it "
+                            "is the gold than when it is another listed candidate, by more "
+                            "than this share (leak_within_genre; 1 = no gate).", min=0, max=1)
+    batch_size: int = param(16, "Prompts per generation batch.", min=1)
     out: str = param("artifacts/chameleon/generations.safetensors", "Output artifact.",
                      output="artifact")
     metrics: str = param("metrics/chameleon/self_generate.json", "Metrics file.", output="metrics")
@@ -60,8 +67,9 @@ def _flat(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 @stage_command("self-generate", BaseParams, ChameleonDataParams, SelfGenerateParams,
                help="For each direction user, generate with the frozen base from a "
                     "personalized prompt (profile included) and a neutral, profile-free "
-                    "prompt; save the prompts' and generations' token ids and texts, and "
-                    "report the label-leak check (neutral generations that name no tag).")
+                    "prompt; save the prompts' and generations' token ids and texts and the "
+                    "mismatched-profile prompts, and gate on the label-leak check (neutral "
+                    "generations naming the gold more often than the other listed genres).")
 def self_generate(base_params: BaseParams, data: ChameleonDataParams,
                   params: SelfGenerateParams) -> None:
     check_template(params.personalized_template, "self_generate.personalized_template",
@@ -75,6 +83,15 @@ def self_generate(base_params: BaseParams, data: ChameleonDataParams,
                                    "self_generate.personalized_template") for q in questions],
              "neutral": [fill(params.neutral_template, q, "self_generate.neutral_template")
                          for q in questions]}
+    if len(split.direction) < 2:
+        raise NewllmError("chameleon_data.num_direction_users must be at least 2: the "
+                          "mismatched-profile null pairs each direction user with another.")
+    # the mismatched-profile null: user i's question (and generation) with user σ(i)'s profile
+    profile_of = derangement(len(split.direction), params.seed)
+    mismatched = [fill(params.personalized_template,
+                       Question(q.id, q.user, q.input, split.direction[j].profile, q.gold,
+                                q.item_key), "self_generate.personalized_template")
+                  for q, j in zip(split.direction, profile_of, strict=True)]
     base = base_params.load()
     frozen = freeze(base.model)
     tokenizer = base.tokenizer
@@ -95,16 +112,25 @@ def self_generate(base_params: BaseParams, data: ChameleonDataParams,
         generated_texts[kind] = [tokenizer.decode(n, skip_special_tokens=True) for n in new]
     seconds = time.perf_counter() - start
     check_unchanged(base.model, frozen, "self-generate")
+    tensors["mismatched.prompt_ids"], tensors["mismatched.prompt_offsets"] = _flat(
+        [tokenizer(as_model_input(tokenizer, t, data.chat_template),
+                   add_special_tokens=False)["input_ids"] for t in mismatched])
 
     users = [q.user for q in questions]
+    leak = leak_figures(generated_texts["neutral"], [q.gold for q in questions],
+                        [candidates(q, task.tags) for q in questions])
+    if leak.get("leak_within_genre", 0.0) > params.max_leak:
+        raise NewllmError(
+            f"self-generate: the neutral generations name a genre "
+            f"{leak['leak_within_genre']:.3f} more often when it is the gold than when it is "
+            f"another listed candidate (> self_generate.max_leak {params.max_leak}); the "
+            "neutral prompt leaks the label.")
     save_artifact(params.out, tensors, kind=GENERATIONS_KIND, stage="self-generate",
                   params=as_dict(base_params, data, params), base=base.info.as_dict(),
                   extra={"users": users, "direction_users": [q.user for q in split.direction],
+                         "mismatched_profile_of": [split.direction[j].user for j in profile_of],
                          "texts": generated_texts, "task": task.source,
                          "tags": list(task.tags)})
-    leak = [names_a_tag(t, task.tags) for t in generated_texts["neutral"]]
-    leak_gold = [names_a_tag(t, (q.gold,)) for t, q in zip(generated_texts["neutral"], questions,
-                                                          strict=True)]
     mentions = [names_a_tag(t, task.tags) for t in generated_texts["personalized"]]
     lengths = [int(n) for n in tensors["personalized.gen_offsets"].diff().tolist()
                + tensors["neutral.gen_offsets"].diff().tolist()]
@@ -114,8 +140,7 @@ def self_generate(base_params: BaseParams, data: ChameleonDataParams,
         "task_users": len(task.questions), "tags": len(task.tags),
         "generations": 2 * len(users), "gen_tokens_mean": sum(lengths) / len(lengths),
         "empty_generations": sum(n == 0 for n in lengths),
-        "neutral_clean_share": 1 - sum(leak) / len(leak),
-        "neutral_names_gold_share": sum(leak_gold) / len(leak_gold),
+        **{f"neutral_{k}": v for k, v in leak.items()}, "max_leak": params.max_leak,
         "personalized_names_tag_share": sum(mentions) / len(mentions),
         "direction_majority_accuracy": majority_accuracy(split.direction),
         **{f"direction_gold_share_{tag_key(t)}": v
@@ -124,5 +149,8 @@ def self_generate(base_params: BaseParams, data: ChameleonDataParams,
     }
     write_metrics(Path(params.metrics), metrics)
     click.echo(f"self-generate: {len(users)} users x 2 prompts, {metrics['gen_tokens_mean']:.1f} "
-               f"tokens per generation, neutral generations naming no tag "
-               f"{metrics['neutral_clean_share']:.0%}, {seconds:.1f}s")
+               f"tokens per generation; neutral generations name the gold "
+               f"{leak.get('names_gold_share', 0):.0%}, another listed genre "
+               f"{leak.get('names_other_candidate_share', 0):.0%} (leak "
+               f"{leak.get('leak', 0):+.3f}; within genre {leak.get('leak_within_genre', 0):+.3f}"
+               f"); {seconds:.1f}s")

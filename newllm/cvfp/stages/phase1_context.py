@@ -1,8 +1,10 @@
 """phase1-context: train the CVFP context blocks (seeds/001, seeds/003), each on its own slice.
 
-Writes the blocks (the phase-2 model's frozen half) and, per block and iteration, the
-losses, the convergence rate, the effective rank of validation contexts and the Lipschitz
-estimate of the update in c.
+Writes the blocks (the phase-2 model's frozen half), the same blocks before any phase-1
+step (phase 2's "untrained" control), and, per block and iteration, the losses, the
+convergence rate, the fixed-point fidelity (the parallel iteration's contexts against the
+exact recurrence on the training slice), the effective rank of validation contexts and the
+Lipschitz estimate of the update in c.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Phase1Params:
     context_norm: str = param("layernorm", "layernorm: LayerNorm (no affine) after each "
                               "context layer; none: c' = c + ReLU(W[c,e]+b) as written.",
                               choices=CONTEXT_NORMS)
-    tokens_per_block: int = param(20000, "Train-stream tokens per block.", min=2)
+    tokens_per_block: int = param(6000, "Train-stream tokens per block.", min=2)
     block_data: str = param("split", "split: block i trains on tokens [i*n, (i+1)*n); all: "
                             "every block on [0, num_blocks*n).", choices=BLOCK_DATA)
     init_context: str = param("zeros", "zeros, or inherit: block i starts from block i-1's "
@@ -52,10 +54,12 @@ class Phase1Params:
     init: str = param("sequential", "Iteration 0: one sequential pass (no learning), or "
                       "small noise.", choices=INITS)
     max_iterations: int = param(10, "Parallel iterations after iteration 0.", min=1)
-    batch_size: int = param(8192, "Positions per optimizer step.", min=1)
+    batch_size: int = param(300, "Positions per optimizer step (tokens_per_block / batch_size "
+                            "steps per iteration).", min=1)
     lr: float = param(1e-3, "Adam learning rate.", min=1e-12)
-    diversity: str = param("oacd", "oacd (seeds/003) or dispersion (seeds/001).",
-                           choices=DIVERSITIES)
+    diversity: str = param("oacd", "oacd (seeds/003), dispersion (seeds/001), oacd_prenorm "
+                           "(OACD of the states before the context norm) or decorrelation "
+                           "(OACD + 1/PR - 1/d of the batch covariance).", choices=DIVERSITIES)
     centroid_weight: float = param(0.1, "OACD's weight on ||mean||^2.", min=0)
     cvfp_weight: float = param(0.0, "Weight of MSE(contexts, target).", min=0)
     diversity_weight: float = param(1.0, "Weight of the diversity term.", min=0)
@@ -71,6 +75,9 @@ class Phase1Params:
     seed: int = param(0, "Seed of the initialization and the noise.", min=0)
     out: str = param("artifacts/cvfp/context_blocks.safetensors", "Blocks artifact to write.",
                      output="artifact")
+    untrained_out: str = param("artifacts/cvfp/context_blocks_untrained.safetensors",
+                               "The blocks as initialised, before any phase-1 step.",
+                               output="artifact")
     metrics: str = param("metrics/cvfp/phase1.json", "Metrics JSON to write.",
                          output="metrics")
     plots: str = param("plots/cvfp/phase1.csv", "Per block and iteration figures (CSV).",
@@ -84,9 +91,10 @@ class Phase1Params:
                             self.lipschitz_samples)
 
 
-PLOT_COLUMNS = ["block", "iteration", "loss", "cvfp_loss", "diversity_loss",
-                "convergence_rate", "val_effective_rank", "val_effective_rank_percent",
-                "lipschitz_max", "lipschitz_mean", "val_context_norm"]
+PLOT_COLUMNS = ["block", "iteration", "steps", "loss", "cvfp_loss", "diversity_loss",
+                "convergence_rate", "fidelity_mse", "fidelity_relative", "val_effective_rank",
+                "val_effective_rank_percent", "lipschitz_max", "lipschitz_mean",
+                "val_context_norm"]
 
 
 @stage_command("phase1-context", BaseParams, Phase1Params,
@@ -106,6 +114,8 @@ def phase1_context(base_params: BaseParams, params: Phase1Params) -> None:
     train_ids = token_stream(params.data, "train", separator, base.info.tokenizer_only())
     val_ids = token_stream(params.data, "val", separator, base.info.tokenizer_only(),
                            params.val_tokens)
+    save_blocks(Path(params.untrained_out), model, params=as_dict(base_params, params),
+                base=info, extra={"separator_id": separator, "untrained": True})
     records = train_context_blocks(model, train_ids, val_ids, params.config(),
                                    tokens_per_block=params.tokens_per_block,
                                    block_data=params.block_data,
@@ -130,13 +140,18 @@ def phase1_context(base_params: BaseParams, params: Phase1Params) -> None:
             f"block{block}_final_loss": last.get("loss"),
             f"block{block}_final_cvfp_loss": last.get("cvfp_loss"),
             f"block{block}_final_diversity_loss": last.get("diversity_loss"),
+            f"block{block}_fidelity_mse": last.get("fidelity_mse"),
+            f"block{block}_fidelity_relative": last.get("fidelity_relative"),
+            f"block{block}_steps_per_iteration": last.get("steps"),
             f"block{block}_lipschitz_max": last["lipschitz_max"],
             f"block{block}_lipschitz_mean": last["lipschitz_mean"],
         })
+    metrics["diversity"] = params.diversity
     write_metrics(params.metrics, metrics)
     for block in range(params.num_blocks):
         click.echo(f"block {block}: val effective rank "
                    f"{metrics[f'block{block}_val_effective_rank']:.1f}/{params.context_dim} "
                    f"({metrics[f'block{block}_val_effective_rank_percent']:.1f}%), convergence "
-                   f"{metrics[f'block{block}_convergence_rate']:.3f}, Lipschitz max "
+                   f"{metrics[f'block{block}_convergence_rate']:.3f}, fidelity "
+                   f"{metrics[f'block{block}_fidelity_relative']:.3f} (relative), Lipschitz max "
                    f"{metrics[f'block{block}_lipschitz_max']:.3f}")

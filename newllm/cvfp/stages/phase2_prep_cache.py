@@ -28,16 +28,18 @@ class PrepCacheParams:
     group = "phase2_prep_cache"
     blocks: str = param("artifacts/cvfp/context_blocks.safetensors", "Phase-1 blocks artifact.")
     data: str = param("data/prepared", "Prepared data folder (from prepare-data).")
-    train_tokens: int | None = param(60000, "Cache this many tokens from the start of the "
+    train_tokens: int | None = param(12000, "Cache this many tokens from the start of the "
                                      "train stream (null = all of it).", min=2)
-    val_tokens: int | None = param(None, "Same for the val stream (null = all of it).", min=2)
+    val_tokens: int | None = param(5000, "Same for the val stream (null = all of it).",
+                                   min=2)
     chunk_tokens: int = param(8192, "Tokens per chunk (and per cache file).", min=1)
     method: str = param("sequential", "sequential: the exact recurrence, token by token in a "
                         "scripted loop; picard: chunk-parallel fixed-point sweeps.",
                         choices=METHODS)
     tolerance: float = param(1e-6, "picard: stop sweeping when the largest change is below "
                              "this (relative to the largest context value).", min=0)
-    cache_dtype: str = param("float16", "dtype of the stored contexts.",
+    cache_dtype: str = param("float32", "dtype of the stored contexts: float32 keeps the "
+                             "recurrence's contexts exactly; float16 rounds them (~5e-4 relative).",
                              choices=("float32", "float16", "bfloat16"))
     compute_dtype: str = param("float32", "dtype of the recurrence.", choices=COMPUTE_DTYPES)
     out: str = param("artifacts/cvfp/context_cache", "Cache folder to write.", output="dir")

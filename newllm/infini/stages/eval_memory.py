@@ -1,7 +1,9 @@
 """eval-memory: a train-lm model's memory-compressions curve and passkey accuracy.
 
 See `newllm.infini.probes`: PPL of fixed late val segments after 0, 1, 2, 4, ... segments
-were compressed into memory, and passkey retrieval accuracy after n filler segments.
+were compressed into memory; and `newllm.infini.passkey`: passkey retrieval accuracy after n
+filler segments, on the task the model was trained with (recorded in its artifact), with
+Wilson 95 % intervals and chance 1 / candidates.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from newllm.core.errors import NewllmError
 from newllm.core.params import param
 from newllm.core.ppl import build_stream
 from newllm.core.runtime import single_thread
-from newllm.infini.probes import compressions_curve, passkey_accuracy
+from newllm.infini.passkey import DIGITS, PasskeyTask, PasskeyTokens, passkey_probe
+from newllm.infini.probes import compressions_curve
 from newllm.infini.training import load_lm
 
 
@@ -31,18 +34,21 @@ class EvalMemoryParams:
     split: str = param("val", "Split whose stream gives the target segments.", choices=SPLITS)
     max_compressions: int = param(64, "Largest number of segments compressed before a "
                                   "target (n = 0, 1, 2, 4, ... up to it).", min=1)
-    targets: int = param(32, "Target segments averaged at each n.", min=1)
+    targets: int = param(16, "Target segments averaged at each n.", min=1)
     passkey_fillers: list[int] = param(  # noqa: RUF009 (param copies the list)
-        [0, 1, 2, 4, 8], "Numbers of filler segments between the key and the question.",
-        min=0)
-    passkey_trials: int = param(20, "Passkey trials per n.", min=1)
-    passkey_candidates: int = param(5, "Keys ranked per trial (the true one included).",
-                                    min=2)
-    seed: int = param(0, "Seed of the keys.", min=0)
+        [0, 1, 2, 4, 6, 12], "Distances: numbers of filler segments between the key's "
+        "segment and the question's.", min=0)
+    passkey_trials: int = param(100, "Passkey trials per distance.", min=1)
+    passkey_candidates: int = param(10, "Digits ranked per trial (the true one included; "
+                                    "chance = 1 / candidates).", min=2, max=DIGITS)
+    seed: int = param(0, "Seed of the keys (train-lm's per-epoch curve uses seed + 1).",
+                      min=0)
     metrics: str = param("metrics/infini/eval_memory.json", "Metrics JSON to write.",
                          output="metrics")
     plot: str = param("plots/infini/compressions.csv", "Compressions curve (CSV: "
                       "compressions, ppl).", output="plot")
+    passkey_plot: str = param("plots/infini/passkey.csv", "Passkey curve (CSV: distance, "
+                              "accuracy, lo, hi, chance).", output="plot")
 
     def check(self) -> None:
         if not self.passkey_fillers:
@@ -61,21 +67,31 @@ def eval_memory(base_params: BaseParams, params: EvalMemoryParams) -> None:
     separator_id = meta["extra"]["separator_id"]
     docs, _ = load_split(params.data, params.split, base=info.tokenizer_only()).documents()
     stream, _ = build_stream(docs, separator_id)
+    task = PasskeyTask(**meta["extra"]["passkey_task"])
+    tokens = PasskeyTokens.build(tokenizer, separator_id, task.segment_length)
     with single_thread():
         curve = compressions_curve(model, stream, segment_length, params.max_compressions,
                                    params.targets)
-        passkey = passkey_accuracy(model, tokenizer, separator_id, segment_length,
-                                   params.passkey_fillers, params.passkey_trials,
-                                   params.passkey_candidates, params.seed)
+        passkey = passkey_probe(model, segment_length, task, tokens, params.passkey_fillers,
+                                params.passkey_trials, params.passkey_candidates, params.seed)
+    chance = 1 / params.passkey_candidates
     write_csv(params.plot, ["compressions", "ppl"], [[n, f"{p:.6g}"] for n, p in curve])
+    write_csv(params.passkey_plot, ["distance", "accuracy", "lo", "hi", "chance"],
+              [[r.distance, f"{r.accuracy:.4g}", *(f"{x:.4g}" for x in r.interval()),
+                f"{chance:.4g}"] for r in passkey])
     write_metrics(params.metrics, {
         "kind": model.config.kind, "use_delta_rule": model.config.use_delta_rule,
         "use_alibi": model.config.use_alibi, "segment_length": segment_length,
-        "targets": params.targets, "passkey_chance": 1 / params.passkey_candidates,
+        "memory_gradient": model.config.memory_gradient, "targets": params.targets,
+        "passkey_segment_length": task.segment_length, "passkey_segments": task.segments,
+        "passkey_trials": params.passkey_trials,
+        "passkey_candidates": params.passkey_candidates, "passkey_chance": chance,
         **{f"ppl_after_{n}": p for n, p in curve},
-        **{f"passkey_after_{n}": a for n, a in passkey},
+        **{f"passkey_after_{r.distance}": r.accuracy for r in passkey},
+        **{f"passkey_after_{r.distance}_{end}": x for r in passkey
+           for end, x in zip(("lo", "hi"), r.interval(), strict=True)},
     })
     click.echo(f"eval-memory {model.config.kind}: PPL by compressions "
-               + ", ".join(f"{n}: {p:.1f}" for n, p in curve) + "; passkey accuracy "
-               + ", ".join(f"{n}: {a:.2f}" for n, a in passkey)
-               + f" (chance {1 / params.passkey_candidates:.2f})")
+               + ", ".join(f"{n}: {p:.1f}" for n, p in curve) + "; passkey accuracy by "
+               "distance " + ", ".join(f"{r.distance}: {r.accuracy:.2f}" for r in passkey)
+               + f" (chance {chance:.2f}, {params.passkey_trials} trials each)")

@@ -2,14 +2,15 @@
 
 The runs come from params.yaml, not a copy: every run of `infini_runs` (train-lm's) and of
 `adapter_runs` (train-infini-adapter's). Reads the metrics the line's stages wrote into
-`metrics_dir` (train_lm_<run>.json, eval_memory_<run>.json and, for a kind run,
-eval_ppl_<run>.json and eval_reversal_<run>.json; eval_reversal.json of the base) and the
-base's eval-ppl metrics, and writes one flat file keyed `<row>__<figure>`, the row being the
-run's name: a full row for each run that changes only `kind`, a row of train val PPL and
-memory probes for each other run (the delta-rule / ALiBi ablations), and the base model, as
-`newllm report` shows them. The adapter runs on the pretrained base (`adapter_dir`:
-<run>.json, eval_reversal_<run>.json of `reversal_adapter_runs`) add the rows adapter-base
-(the base read in the adapter's segments) and adapter-<run>.
+`metrics_dir` (train_lm_<run>.json, eval_memory_<run>.json, eval_reversal_<run>.json of every
+run; eval_reversal.json of the base) and the base's eval-ppl metrics, and writes one flat file
+keyed `<row>__<figure>`, the row being the run's name: its val PPL (read in segments, and in
+sliding windows for a kind without memory), passkey curve with intervals, compressions curve,
+memory gradients and reversal figures. Runs that differ only in `seed` are one configuration:
+its first run's row also gets the mean and sd of val PPL over them. The base model gives the
+row `base`; the adapter runs on the pretrained base (`adapter_dir`: <run>.json,
+eval_reversal_<run>.json of `reversal_adapter_runs`) add the rows adapter-base (the base read
+in the adapter's segments) and adapter-<run>.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from newllm.core.artifacts import read_json_object, write_metrics
 from newllm.core.cli import stage_command
 from newllm.core.errors import NewllmError
 from newllm.core.params import RunNames, param
+from newllm.core.stats import mean_sd
 
 
 @dataclass
@@ -36,7 +38,7 @@ class InfiniReportParams:
                              "metrics (<run>.json of each adapter_runs run) and eval-reversal's "
                              "(eval_reversal_<run>.json).")
     reversal_adapter_runs: list[str] = param(  # noqa: RUF009 (param copies the list)
-        ["parallel"], "Runs of adapter_runs that eval-reversal read.")
+        ["parallel", "frozen", "replace"], "Runs of adapter_runs that eval-reversal read.")
     metrics: str = param("metrics/infini_report.json", "Metrics JSON to write.", output="metrics")
 
 
@@ -45,8 +47,10 @@ def read_json(path: Path) -> dict[str, Any]:
                             "run the stage that writes it (dvc repro)")
 
 
-REVERSAL_KEYS = ("forward_ppl", "backward_ppl", "reversal_ratio", "forward_rank_accuracy",
-                 "backward_rank_accuracy")
+# eval-reversal's answer-only figures, each with its 95 % interval (_lo, _hi)
+REVERSAL_KEYS = tuple(f"{d}_{m}{end}" for d in ("forward", "backward")
+                      for m in ("answer_logprob", "answer_margin", "rank_accuracy")
+                      for end in ("", "_lo", "_hi"))
 
 
 def reversal_figures(row: str, reversal: dict[str, Any]) -> dict[str, Any]:
@@ -56,15 +60,50 @@ def reversal_figures(row: str, reversal: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_figures(memory: dict[str, Any]) -> dict[str, Any]:
+    """The compressions curve's ends and the passkey curve, each distance with its Wilson
+    interval as text ("0.52 [0.42, 0.62]") beside the number."""
     after = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("ppl_after_"))
-    fillers = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("passkey_after_"))
-    out: dict[str, Any] = {f"ppl_after_{n}": memory[f"ppl_after_{n}"] for n in after}
-    out["ppl_after_0"] = memory["ppl_after_0"]
-    out["ppl_after_max"] = memory[f"ppl_after_{after[-1]}"]
-    out["compressions_max"] = after[-1]
-    out["passkey_max_fillers"] = fillers[-1]
-    out["passkey_at_max"] = memory[f"passkey_after_{fillers[-1]}"]
-    out["passkey_mean"] = sum(memory[f"passkey_after_{n}"] for n in fillers) / len(fillers)
+    distances = sorted(int(k.split("_")[2]) for k in memory
+                       if k.startswith("passkey_after_") and k.count("_") == 2)
+    out: dict[str, Any] = {"ppl_after_0": memory["ppl_after_0"],
+                           "ppl_after_max": memory[f"ppl_after_{after[-1]}"],
+                           "compressions_max": after[-1],
+                           "passkey_chance": memory["passkey_chance"],
+                           "passkey_trials": memory["passkey_trials"]}
+    for d in distances:
+        acc, lo, hi = (memory[f"passkey_after_{d}{end}"] for end in ("", "_lo", "_hi"))
+        out.update({f"passkey_after_{d}": acc, f"passkey_after_{d}_lo": lo,
+                    f"passkey_after_{d}_hi": hi,
+                    f"passkey_d{d}": f"{acc:.2f} [{lo:.2f}, {hi:.2f}]"})
+    return out
+
+
+TRAIN_KEYS = ("parameters", "train_tokens", "passkey_sequences", "epochs", "seed",
+              "val_ppl_flag", "val_ppl_last_change", "memory_grad_k_init", "memory_grad_k_final",
+              "memory_grad_v_init", "memory_grad_v_final")
+
+
+def train_figures(train: dict[str, Any]) -> dict[str, Any]:
+    """train-lm's figures of a run: its val PPL read in segments (memory carried) and, for a
+    kind without memory, in sliding windows; the gradient reaching the memory's K and V."""
+    out = {k: train[k] for k in TRAIN_KEYS if train.get(k) is not None}
+    out["val_ppl"] = train["val_ppl"]
+    if train.get("val_ppl_window") is not None:
+        out["val_ppl_window"] = train["val_ppl_window"]
+        out["window_context_length"] = train["window_context_length"]
+        out["window_stride"] = train["window_stride"]
+    return out
+
+
+def seed_figures(trains: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample sd over the seeds of one configuration (val PPL both ways)."""
+    out: dict[str, Any] = {"seeds": len(trains)}
+    for key in ("val_ppl", "val_ppl_window"):
+        values = [t[key] for t in trains if t.get(key) is not None]
+        if values:
+            summary = mean_sd(values)
+            out[f"{key}_seed_mean"], out[f"{key}_seed_sd"] = summary["mean"], summary["sd"]
+            out[f"{key}_seeds"] = f"{summary['mean']:.1f} ± {summary['sd']:.1f} (n={len(values)})"
     return out
 
 
@@ -110,24 +149,21 @@ def infini_report(params: InfiniReportParams, *, infini_runs: RunNames,
     # the base was never shown the pairs: its figures on the halves the trained models were
     # (and were not) shown are their untrained reference
     out.update(reversal_figures("base", base_rev))
-    kinds = [run for run in infini_runs if set(infini_runs.changes[run]) == {"kind"}]
-    for kind in kinds:  # a run of a kind with train_lm's settings: the full row
-        train = read_json(folder / f"train_lm_{kind}.json")
-        ppl = read_json(folder / f"eval_ppl_{kind}.json")
-        rev = read_json(folder / f"eval_reversal_{kind}.json")
-        out[f"{kind}__parameters"] = train["parameters"]
-        out[f"{kind}__train_tokens"] = train["train_tokens"]
-        out[f"{kind}__val_ppl"] = ppl["token_ppl"]
-        out[f"{kind}__train_val_ppl"] = train["val_ppl"]
-        out[f"{kind}__val_ppl_flag"] = train["val_ppl_flag"]
-        out.update(reversal_figures(kind, rev))
-        memory = read_json(folder / f"eval_memory_{kind}.json")
-        out.update({f"{kind}__{k}": v for k, v in memory_figures(memory).items()})
-    for row in (run for run in infini_runs if run not in kinds):  # the ablations
-        train = read_json(folder / f"train_lm_{row}.json")
-        memory = read_json(folder / f"eval_memory_{row}.json")
-        out[f"{row}__train_val_ppl"] = train["val_ppl"]
-        out.update({f"{row}__{k}": v for k, v in memory_figures(memory).items()})
+    configs: dict[str, list[str]] = {}  # the runs of each configuration, over seeds
+    for run in infini_runs:
+        config = {k: v for k, v in infini_runs.changes[run].items() if k != "seed"}
+        configs.setdefault(repr(sorted(config.items())), []).append(run)
+    for runs in configs.values():
+        trains = []
+        for run in runs:  # every run: its training, memory probes and reversal figures
+            train = read_json(folder / f"train_lm_{run}.json")
+            trains.append(train)
+            out.update({f"{run}__{k}": v for k, v in train_figures(train).items()})
+            memory = read_json(folder / f"eval_memory_{run}.json")
+            out.update({f"{run}__{k}": v for k, v in memory_figures(memory).items()})
+            out.update(reversal_figures(run, read_json(folder / f"eval_reversal_{run}.json")))
+        if len(runs) > 1:  # the spread over seeds, on the configuration's first run
+            out.update({f"{runs[0]}__{k}": v for k, v in seed_figures(trains).items()})
     out.update(adapter_figures(Path(params.adapter_dir), adapter_runs,
                                params.reversal_adapter_runs))
     for key, value in out.items():

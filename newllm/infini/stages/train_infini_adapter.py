@@ -52,6 +52,7 @@ from newllm.infini.adapter import (
     segmented_ppl,
     trained_weights,
 )
+from newllm.infini.memory import MEMORY_GRADIENTS
 from newllm.infini.training import make_sequences, training_stream
 
 
@@ -64,6 +65,9 @@ class TrainInfiniAdapterParams:
     data: str = param("data/prepared", "Prepared data folder.")
     use_delta_rule: bool = param(True, "Delta-rule memory update.")
     use_alibi: bool = param(False, "ALiBi decay over segments in memory.")
+    memory_gradient: str = param("sequence", "What gradients cross segments: sequence = "
+                                 "through the memory across a sequence's segments, none = "
+                                 "the seed's detached write.", choices=MEMORY_GRADIENTS)
     d_ff: int = param(1536, "replace: MLP width of the Infini layer.", min=1)
     segment_length: int = param(64, "Tokens per segment.", min=2)
     segments_per_sequence: int = param(4, "Segments per training sequence.", min=1)
@@ -130,7 +134,7 @@ def train_infini_adapter(base_params: BaseParams, params: TrainInfiniAdapterPara
         raise NewllmError(f"train_infini_adapter.segment_length ({s}) exceeds the base's "
                           "max_position_embeddings.")
     config = memory_config(model, use_delta_rule=params.use_delta_rule,
-                           use_alibi=params.use_alibi)
+                           use_alibi=params.use_alibi, memory_gradient=params.memory_gradient)
     metrics: dict[str, object] = {"mode": params.mode, "model_id": base.info.model_id,
                                   "segment_length": s, "train_tokens":
                                   int(sequences[:, :-1].numel()),

@@ -4,10 +4,13 @@ Pairs are a document's first `text_tokens` tokens and the `follow_tokens` after 
 training pairs come from train documents, held-out pairs from val documents only. Writes
 `<out_dir>/train.safetensors` and `<out_dir>/val.safetensors` (kind `virtual-token-e-star`):
 per pair the text's hidden states at `context_hidden_index` (the compressor's input, the
-separator's state left out), e*, the teacher's top-`teacher_topk` log-probabilities and ids
-at the follow positions (what train-compressor's KL term needs), the teacher's hidden states
-there at `hidden_loss_index`, the final KL and the no-context KL (follow_text after the
-separator alone). With `objective: reconstruct` the e* reproduce the text itself instead
+separator's state left out), the teacher's top-`teacher_topk` log-probabilities and ids at
+the follow positions (what train-compressor's KL term needs), the teacher's hidden states
+there at `hidden_loss_index` and the no-context KL (follow_text after the separator alone);
+and, for every held-out pair and a seeded subset of `e_star_samples` training pairs
+(`has_e_star`), e* and its final KL. The teacher is one forward pass per pair, an e* is
+`steps` forward and backward passes: so the compressors train on many pairs (KL) and regress
+to e* where one exists. With `objective: reconstruct` the e* reproduce the text itself instead
 (the cramming setting) and the metrics give token accuracy and greedy exact-match length.
 """
 
@@ -24,6 +27,7 @@ from newllm.core.artifacts import atomic_dir, save_artifact, write_csv, write_me
 from newllm.core.base import BaseParams
 from newllm.core.cli import stage_command
 from newllm.core.data import load_split
+from newllm.core.errors import NewllmError
 from newllm.core.frozen import check_unchanged, freeze
 from newllm.core.hidden import resolve_layer_index
 from newllm.core.params import as_dict, param
@@ -36,7 +40,6 @@ from newllm.virtual_tokens.e_star import (
     INITS,
     OBJECTIVES,
     EStarConfig,
-    EStarResult,
     check_context_fits,
     make_pairs,
     no_context_kl,
@@ -58,8 +61,15 @@ class BuildEStarParams:
     num_virtual: int = param(1, "Virtual tokens k per text.", min=1)
     steps: int = param(20, "Adam steps per batch of examples.", min=1)
     lr: float = param(0.1, "Adam learning rate of e* (cosine-decayed to 0).", min=1e-12)
-    num_samples: int = param(16, "Training pairs (train documents).", min=1)
-    val_samples: int = param(8, "Held-out pairs (val documents only).", min=1)
+    num_samples: int = param(256, "Training pairs (train documents): each stores its text's "
+                             "context hidden states and the teacher's top-K (one forward "
+                             "pass), what train-compressor's KL term needs.", min=1)
+    e_star_samples: int = param(24, "Training pairs that also get an optimized e* (a seeded "
+                                "subset of num_samples): the regression targets of "
+                                "train-compressor and the constant controls of "
+                                "eval-compressor.", min=1)
+    val_samples: int = param(64, "Held-out pairs (val documents only), each with its e* (the "
+                             "per-pair oracle).", min=2)
     text_tokens: int = param(32, "Tokens of the text to compress.", min=1)
     follow_tokens: int = param(8, "Tokens of follow_text (continue objective).", min=1)
     init: str = param("mean_embedding", "Start of e*: the mean input embedding, or the mean "
@@ -84,6 +94,12 @@ class BuildEStarParams:
                          "val.safetensors.", output="dir")
     metrics: str = param("metrics/e_star/build.json", "Metrics JSON.", output="metrics")
     plot: str = param("plots/e_star/loss.csv", "Mean loss per step (plot data).", output="plot")
+
+    def check(self) -> None:
+        if self.e_star_samples > self.num_samples:
+            raise NewllmError(f"build_e_star.e_star_samples ({self.e_star_samples}) must not "
+                              f"exceed num_samples ({self.num_samples}): the pairs with an e* "
+                              "are a subset of the training pairs.")
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -124,30 +140,42 @@ def build_e_star(base_params: BaseParams, params: BuildEStarParams) -> None:
                      "compression_ratio": params.text_tokens / params.num_virtual}
     if continue_mode:
         metrics["follow_tokens"] = params.follow_tokens
+    # which pairs get an e*: every held-out pair, a seeded subset of the training pairs
+    order = torch.randperm(len(splits["train"]),
+                           generator=torch.Generator().manual_seed(params.seed + 2))
+    with_e_star = {"train": sorted(order[:params.e_star_samples].tolist()),
+                   "val": list(range(len(splits["val"])))}
     # train and held-out pairs are optimized in the same batches: every pair's e* is its
     # own optimization (see optimize_batch), so sharing a batch only saves time
-    all_texts = [t for pairs in splits.values() for _, t, _ in pairs]
-    all_follows = ([f for pairs in splits.values() for _, _, f in pairs] if continue_mode
-                   else None)
+    chosen = [(split, i) for split, rows in with_e_star.items() for i in rows]
+    all_texts = [splits[split][i][1] for split, i in chosen]
+    all_follows = [splits[split][i][2] for split, i in chosen] if continue_mode else None
     start_all = time.perf_counter()
     everything = optimize_e_star(model, config, sep_id, all_texts, all_follows)
     metrics["optimize_seconds"] = round(time.perf_counter() - start_all, 2)
     histories, offset = {}, 0
     with atomic_dir(params.out_dir) as out:
         for split, pairs in splits.items():
-            rows = slice(offset, offset + len(pairs))
-            offset += len(pairs)
+            rows = with_e_star[split]
+            optimized = slice(offset, offset + len(rows))
+            offset += len(rows)
             texts = [t for _, t, _ in pairs]
             follows = [f for _, _, f in pairs] if continue_mode else None
-            result = EStarResult(everything.e_star[rows], everything.initial_loss[rows],
-                                 everything.final_loss[rows], [],
-                                 everything.row_history[:, rows])
-            histories[split] = result.row_history.mean(dim=1).tolist()
+            has = torch.zeros(len(pairs), dtype=torch.bool)
+            has[rows] = True
+            e_star = torch.zeros(len(pairs), *everything.e_star.shape[1:])
+            e_star[rows] = everything.e_star[optimized]
+            initial = torch.full((len(pairs),), float("nan"))
+            initial[rows] = everything.initial_loss[optimized]
+            final = torch.full((len(pairs),), float("nan"))
+            final[rows] = everything.final_loss[optimized]
+            histories[split] = everything.row_history[:, optimized].mean(dim=1).tolist()
             text_ids, text_len = pad_ids(texts)
-            tensors = {"e_star": result.e_star, "text_ids": text_ids, "text_len": text_len,
-                       "doc_index": torch.tensor([i for i, _, _ in pairs]),
-                       "initial_loss": result.initial_loss}
+            tensors = {"e_star": e_star, "has_e_star": has, "text_ids": text_ids,
+                       "text_len": text_len, "doc_index": torch.tensor([i for i, _, _ in pairs]),
+                       "initial_loss": initial}
             metrics[f"{split}_pairs"] = len(pairs)
+            metrics[f"{split}_e_star_pairs"] = len(rows)
             teacher_chunks = []
             for begin in range(0, len(texts), params.batch_size):
                 end = begin + params.batch_size
@@ -172,27 +200,27 @@ def build_e_star(base_params: BaseParams, params: BuildEStarParams) -> None:
             tensors["context_hidden"] = context
             if continue_mode:
                 follow_ids, follow_lens = pad_ids(follows)
+                no_context = torch.cat([c["no_context"] for c in teacher_chunks])
                 tensors |= {
                     "follow_ids": follow_ids, "follow_len": follow_lens,
                     "teacher_topk_logp": torch.cat([c["logp"] for c in teacher_chunks]),
                     "teacher_topk_ids": torch.cat([c["ids"] for c in teacher_chunks]),
                     "teacher_hidden": torch.cat([c["hidden"] for c in teacher_chunks]),
-                    "final_kl": result.final_loss,
-                    "no_context_kl": torch.cat([c["no_context"] for c in teacher_chunks])}
-                metrics |= {f"{split}_initial_kl": _mean(result.initial_loss),
-                            f"{split}_final_kl": _mean(result.final_loss),
-                            f"{split}_no_context_kl": _mean(tensors["no_context_kl"]),
+                    "final_kl": final, "no_context_kl": no_context}
+                metrics |= {f"{split}_initial_kl": _mean(initial[has]),
+                            f"{split}_final_kl": _mean(final[has]),
+                            f"{split}_no_context_kl": _mean(no_context),
                             f"{split}_below_no_context": _mean(
-                                (result.final_loss < tensors["no_context_kl"]).float())}
+                                (final[has] < no_context[has]).float())}
             else:
-                accuracy, exact = reconstruction_metrics(model, sep_id, result.e_star, texts,
+                accuracy, exact = reconstruction_metrics(model, sep_id, e_star[has],
+                                                         [texts[i] for i in rows],
                                                          params.compute_dtype)
-                tensors |= {"final_ce": result.final_loss, "token_accuracy": accuracy,
-                            "greedy_exact_len": exact}
-                metrics |= {f"{split}_final_ce": _mean(result.final_loss),
+                tensors |= {"final_ce": final}
+                metrics |= {f"{split}_final_ce": _mean(final[has]),
                             f"{split}_token_accuracy": _mean(accuracy),
                             f"{split}_greedy_exact_len": _mean(exact),
-                            f"{split}_exact_fraction": _mean(exact == text_len)}
+                            f"{split}_exact_fraction": _mean(exact == text_len[has])}
             save_artifact(out / f"{split}.safetensors", tensors, kind=E_STAR_KIND,
                           stage="build-e-star", params=as_dict(base_params, params),
                           base=base.info.as_dict(),

@@ -1,11 +1,14 @@
-"""train-compressor: learn context hidden states -> e* (hyper or qattn) with KL distillation.
+"""train-compressor: learn context hidden states -> k virtual tokens (hyper or qattn) by KL
+distillation on every training pair, plus regression to e* where a pair has one.
 
-Reads build-e-star's `train.safetensors` (fit) and `val.safetensors` (per-epoch held-out
-loss). Only the compressor trains: the base's in-memory weights are hashed before and after
-and must be unchanged. Writes `<out_dir>/<name>/compressor.safetensors`, the metrics
+Reads build-e-star's `train.safetensors` (fit: every pair's teacher top-K, a subset's e*) and
+`val.safetensors` (per-epoch held-out loss). With `num_virtual` other than the e* set's k
+there is no regression target and the KL (with any matches) is the whole loss. Only the
+compressor trains: the base's in-memory weights are hashed before and after and must be
+unchanged. Writes `<out_dir>/<name>/compressor.safetensors`, the metrics
 `<metrics_dir>/<name>.json` and per-epoch losses `<plots_dir>/<name>.csv` (`name`: the run's,
-by default its arch); eval-compressor compares the runs with e*, the mean training e*, no
-context and the full text on the held-out pairs.
+by default its arch); eval-compressor compares the runs with e* and the controls on the
+held-out pairs.
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ class TrainCompressorParams:
                             "e* sets).")
     arch: str = param("hyper", "hyper: small transformer over [queries; context]; qattn: one "
                       "query-attention pooling layer.", choices=ARCHS)
+    num_virtual: int | None = param(None, "Virtual tokens k the compressor emits (null = the "
+                                    "e* set's k). With another k than the e* set's there is "
+                                    "no regression target: it trains on the KL (and matches) "
+                                    "alone.", min=1)
     num_heads: int = param(8, "Attention heads (must divide the embedding size).", min=1)
     hyper_num_layers: int = param(2, "Transformer layers of the hyper arch.", min=1)
     hyper_ffn_dim: int = param(2048, "Feed-forward width of the hyper arch.", min=1)
-    kl_weight: float = param(0.2, "Weight of the KL of the base's next-token distributions "
+    kl_weight: float = param(1.0, "Weight of the KL of the base's next-token distributions "
                              "after [sep, predicted, follow] to the teacher's top-K.", min=0.0)
     kl_temperature: float = param(1.0, "Distillation temperature of the KL term.", min=1e-6)
     hidden_weight: float = param(0.0, "Weight of the hidden-state match on the follow "
@@ -78,7 +85,7 @@ class TrainCompressorParams:
     attn_use_weights: bool = param(False, "Match each head's attention distribution (pooled "
                                    "into separator / context / each follow token; KL) rather "
                                    "than the attention sublayer's output (hidden_loss_type).")
-    epochs: int = param(10, "Passes over the training pairs.", min=1)
+    epochs: int = param(2, "Passes over the training pairs.", min=1)
     batch_size: int = param(8, "Pairs per optimizer step.", min=1)
     lr: float = param(1e-3, "Adam learning rate (cosine-decayed to 0).", min=1e-12)
     compute_dtype: str = param("float32", "Training precision (bfloat16: autocast).",
@@ -120,11 +127,20 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
                           f"{extra['hidden_layer_index']}; set them equal (or hidden_weight 0).")
     sep_id = int(extra["separator_token_id"])
     generator = seed_everything(params.seed)
+    num_virtual = params.num_virtual or train.num_virtual
+    regression = num_virtual == train.num_virtual
     config = CompressorConfig(params.arch, train.context_hidden.shape[-1],
-                              train.e_star.shape[-1], train.num_virtual, params.num_heads,
+                              train.e_star.shape[-1], num_virtual, params.num_heads,
                               params.hyper_num_layers, params.hyper_ffn_dim)
+    if not regression and params.kl_weight == 0 and params.hidden_weight == 0 \
+            and params.attn_weight == 0:
+        raise NewllmError(f"train_compressor.num_virtual {num_virtual} differs from the e* "
+                          f"set's {train.num_virtual}, so there is no regression target, and "
+                          "kl_weight, hidden_weight and attn_weight are all 0: nothing to "
+                          "train on.")
     compressor = Compressor(config)
-    compressor.init_output(train.e_star)
+    # the same start for every k: the mean optimized training e* (of whatever k it has)
+    compressor.init_output(train.optimized_e_star())
     attn_layers = tuple(resolve_decoder_layers(params.attn_decoder_layers, base.info.num_layers,
                                                "train_compressor.attn_decoder_layers"))
     weights = LossWeights(params.kl_weight, params.kl_temperature, params.hidden_weight,
@@ -160,10 +176,14 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
     if not is_main_process():
         return
     compressor = compressor.float().eval()
-    with torch.no_grad():
-        predicted = compressor(val_d.context_hidden, val_d.context_mask)
-        regression = regression_rows(predicted, val_d.e_star).mean().item()
-        cosine = torch.nn.functional.cosine_similarity(predicted, val_d.e_star, dim=-1)
+    vector_metrics = {}
+    if regression:
+        with torch.no_grad():
+            predicted = compressor(val_d.context_hidden, val_d.context_mask)
+            vector_metrics = {
+                "val_regression_loss": regression_rows(predicted, val_d.e_star).mean().item(),
+                "val_cosine": torch.nn.functional.cosine_similarity(
+                    predicted, val_d.e_star, dim=-1).mean().item()}
     with atomic_dir(compressor_dir(params.out_dir, run)) as out:
         save_compressor(out / COMPRESSOR_FILE, compressor, stage="train-compressor",
                         params=as_dict(base_params, params), base=info,
@@ -171,16 +191,18 @@ def train_compressor(base_params: BaseParams, params: TrainCompressorParams) -> 
                                "context_layer_index": extra["context_layer_index"]})
     write_history_csv(Path(params.plots_dir) / f"{run}.csv", history)
     metrics = {"run": run, "arch": params.arch, "num_virtual": config.num_virtual,
-               "train_pairs": len(train.texts), "val_pairs": len(val.texts),
+               "seed": params.seed, "train_pairs": len(train.texts),
+               "regression_pairs": int(train.has_e_star.sum()) if regression else 0,
+               "val_pairs": len(val.texts),
                "parameters": sum(p.numel() for p in compressor.parameters()),
                "epochs": params.epochs, "kl_weight": params.kl_weight,
                "attn_weight": params.attn_weight,
                "final_train_loss": history[-1].train_loss, "final_val_loss": history[-1].val_loss,
-               "val_regression_loss": regression, "val_cosine": cosine.mean().item(),
-               "base_weights_unchanged": True, "seconds": round(seconds, 2)}
+               **vector_metrics, "base_weights_unchanged": True, "seconds": round(seconds, 2)}
     write_metrics(Path(params.metrics_dir) / f"{run}.json", metrics)
     click.echo(f"train-compressor {run} ({params.arch}): {metrics['parameters']:,} "
                f"parameters, "
                f"train loss {history[-1].train_loss:.4f}, val loss {history[-1].val_loss:.4f}, "
-               f"val cosine to e* {metrics['val_cosine']:.4f}; base weights unchanged; "
-               f"{seconds:.1f}s")
+               + (f"val cosine to e* {metrics['val_cosine']:.4f}; " if regression
+                  else f"KL alone (no e* with k={num_virtual}); ")
+               + f"base weights unchanged; {seconds:.1f}s")
