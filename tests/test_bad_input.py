@@ -200,8 +200,8 @@ PHASE2 = ("phase2-token", "--model", "{model}", "--blocks", "blocks.safetensors"
           "cache", "--max-train-tokens", "40", "--max-val-tokens", "20", "--out",
           "lm.safetensors", "--metrics", "p2.json", "--plots", "p2.csv")
 E_STAR = ("build-e-star", "--model", "{model}", "--data", "prepared", "--text-tokens", "8",
-          "--num-samples", "2", "--val-samples", "1", "--steps", "1", "--out-dir", "es",
-          "--metrics", "es.json", "--plot", "es.csv")
+          "--num-samples", "2", "--e-star-samples", "1", "--val-samples", "2", "--steps", "1",
+          "--out-dir", "es", "--metrics", "es.json", "--plot", "es.csv")
 COMPRESSOR = ("train-compressor", "--model", "{model}", "--e-star-dir", "es", "--epochs", "1",
               "--out-dir", "cz", "--metrics-dir", "czm", "--plots-dir", "czp")
 WIKI = "summaries_en-us.json"

@@ -55,18 +55,21 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["extract_pairs"].update(max_tokens=64, batch_size=64)
     params["train_converter"].update(epochs=2, hidden_dim=16, batch_size=32)
     # two kinds and one ablation keep the Infini line's part of the tiny DAG short
-    params["infini_runs"] = {"pythia": {"kind": "pythia"}, "infini": {"kind": "infini"},
+    # (a second pythia seed: the report's over-seeds figures need a configuration with two)
+    params["infini_runs"] = {"pythia": {"kind": "pythia"},
+                             "pythia_seed-1": {"kind": "pythia", "seed": 1},
+                             "infini": {"kind": "infini"},
                              "infini_delta-false_alibi-true": {
                                  "kind": "infini", "use_delta_rule": False, "use_alibi": True}}
     params["train_lm"].update(d_model=16, n_layers=2, n_heads=2, d_ff=32, shortlist=128,
-                              segment_length=32, segments_per_sequence=2,
-                              max_train_tokens=2048, val_max_tokens=200, batch_size=4,
+                              segment_length=32, segments_per_sequence=8,  # passkey d 0..6
+                              max_train_tokens=4096, val_max_tokens=200, batch_size=4,
                               reversal_repeats=2)
     params["eval_reversal"].update(max_pairs=8, distractors=2)
     params["train_infini_adapter"].update(segment_length=16, segments_per_sequence=2,
                                           max_train_tokens=1200, val_max_tokens=100, d_ff=32,
                                           reversal_repeats=1)
-    params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers=[0, 2],
+    params["eval_memory"].update(max_compressions=4, targets=2, passkey_fillers=[0, 1, 2, 4, 6, 12],
                                  passkey_trials=2)
     params["phase1_context"].update(context_dim=8, tokens_per_block=200, val_tokens=50,
                                     batch_size=64, max_iterations=2, lipschitz_samples=4)
@@ -76,11 +79,12 @@ def tiny_params(tiny_model: Path, mini_corpus: Path) -> dict:
     params["cvfp_grid_runs"]["configs"] = ["blocks2_500", "inherit"]
     params["cvfp_grid"].update(phase1_tokens=200, max_iterations=1, train_tokens=300,
                                val_tokens=100)
-    params["build_e_star"].update(num_samples=4, val_samples=2, text_tokens=8,
+    params["build_e_star"].update(num_samples=4, e_star_samples=2, val_samples=2, text_tokens=8,
                                   follow_tokens=4, steps=2, teacher_topk=8)
     params["train_compressor"].update(epochs=1, num_heads=4, hyper_ffn_dim=16, batch_size=4)
     params["eval_compressor"].update(greedy_tokens=2)
-    params["reconstruct_capacity"].update(num_virtual_list=[1], lengths=[2, 4], steps=2)
+    params["reconstruct_capacity"].update(num_virtual_list=[1], lengths=[8, 16, 32],
+                                          max_steps=2)  # the headline's lengths
     # Chameleon: a small MovieLens folder beside the tiny model, a few users, short outputs
     movielens = make_mini_movielens(Path(tiny_model).parent / "ml-mini")
     params["chameleon_data"].update(data=str(movielens), num_direction_users=3,

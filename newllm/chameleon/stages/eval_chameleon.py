@@ -263,7 +263,7 @@ def eval_chameleon(base_params: BaseParams, data: ChameleonDataParams,
     for view in VIEWS:
         correct = {c: correct_of(gold, pred[c][view]) for c in everyone if view in pred[c]}
         for other in ("no_profile", "personalized", "mismatched"):
-            if other in correct and other != params.edit_prompt:
+            if other in correct:  # the edit's own prompt too: that is what the edit adds
                 for key, value in paired_difference(correct["edit"], correct[other],
                                                     params.bootstrap, params.seed).items():
                     metrics[f"edit_minus_{other}_{view}_{key}"] = value

@@ -29,6 +29,7 @@ from newllm.cvfp.phase1 import (
     INIT_CONTEXTS,
     INITS,
     Phase1Config,
+    block_slices,
     train_context_blocks,
 )
 
@@ -114,6 +115,9 @@ def phase1_context(base_params: BaseParams, params: Phase1Params) -> None:
     train_ids = token_stream(params.data, "train", separator, base.info.tokenizer_only())
     val_ids = token_stream(params.data, "val", separator, base.info.tokenizer_only(),
                            params.val_tokens)
+    # The token budget is checked before the untrained blocks are written: a run that
+    # cannot train must leave nothing behind.
+    block_slices(params.num_blocks, params.tokens_per_block, params.block_data, len(train_ids))
     save_blocks(Path(params.untrained_out), model, params=as_dict(base_params, params),
                 base=info, extra={"separator_id": separator, "untrained": True})
     records = train_context_blocks(model, train_ids, val_ids, params.config(),
